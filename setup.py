@@ -1,0 +1,37 @@
+"""megatron-xomni: the open training stack for X-Omni-style discrete AR image generation."""
+from setuptools import find_packages, setup
+
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "numpy<2.5",
+    "megatron-core==0.16.1",
+    "psutil",  # megatron-core's async dist-ckpt writer hangs without it
+    "einops",
+    "transformers>=4.57",
+    "safetensors",
+    "sentencepiece",
+    "tensorboard",
+    "diffusers>=0.35",
+    "pillow",
+    "webdataset",
+    "matplotlib",
+    "rapidocr",
+    "onnxruntime",
+    "tqdm",
+]
+
+setup(
+    name="megatron-xomni",
+    version="0.1.0",
+    description="Megatron-style training stack for X-Omni discrete autoregressive image generation",
+    packages=find_packages(include=["megatron_xomni", "megatron_xomni.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # GPU-only: installable only where CUDA exists.
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+    },
+    entry_points={"console_scripts": ["xomni=megatron_xomni.cli:main"]},
+)
