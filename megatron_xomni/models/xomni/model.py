@@ -1,0 +1,199 @@
+"""The unified X-Omni autoregressive model on megatron-core's GPTModel.
+
+Text ids [0, V) use the GPTModel's own embedding and output layer (Qwen's embedding and
+lm_head); image ids V + k use a separate, vocab-parallel image embedding and image head
+(`image_table_size` rows, of which the first `image_vocab_size` are codes). Vision blocks and
+the per-position final norm come from the layer spec (`layer_spec.py`).
+
+Loss: each target is scored by the head of its own modality, exactly as decoding works
+(text mode: text head over the text vocabulary; image mode: image head over the codes).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.gpt import GPTModel
+
+from megatron_xomni.models.xomni.config import XOmniModelConfig
+from megatron_xomni.models.xomni.layer_spec import xomni_block_spec
+from megatron_xomni.models.xomni.layers import ImagePositions, _ReadsImagePositions
+
+TEXT, IMAGE = "text", "image"
+
+
+class XOmniModel(GPTModel):
+    def __init__(
+        self,
+        model_cfg: XOmniModelConfig,
+        config,
+        pg_collection,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+        use_te: Optional[bool] = None,
+    ):
+        if config.recompute_granularity is not None and model_cfg.num_layers_total != model_cfg.num_layers:
+            raise ValueError(
+                "activation recomputation is not supported with vision blocks (they read a "
+                "per-forward image mask): set recompute_granularity=None"
+            )
+        pp_rank = pg_collection.pp.rank() if hasattr(pg_collection, "pp") else 0
+        super().__init__(
+            config=config,
+            transformer_layer_spec=xomni_block_spec(model_cfg, config, vp_stage, pp_rank, use_te),
+            vocab_size=model_cfg.text_vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=model_cfg.rotary_base,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.model_cfg = model_cfg
+        if self.pre_process:
+            self.image_embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=model_cfg.image_table_size,
+                max_sequence_length=model_cfg.max_position_embeddings,
+                position_embedding_type="rope",  # rope: no learned position table
+                tp_group=self.pg_collection.tp,
+            )
+            self.image_embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process:
+            self.image_output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                model_cfg.image_table_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                tp_group=self.pg_collection.tp,
+            )
+            self.image_output_layer.weight.is_embedding_or_output_parameter = True
+        self.image_positions = ImagePositions()
+        for module in self.modules():
+            if isinstance(module, _ReadsImagePositions):
+                module.image_positions = self.image_positions
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _local_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] ids -> bool [s_local, b, 1] in the activation layout of this rank."""
+        mask = (input_ids >= self.model_cfg.text_vocab_size).transpose(0, 1)
+        if self.config.sequence_parallel:
+            tp = self.pg_collection.tp
+            chunk = mask.shape[0] // tp.size()
+            mask = mask[tp.rank() * chunk : (tp.rank() + 1) * chunk]
+        return mask.unsqueeze(-1).contiguous()
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        v = self.model_cfg.text_vocab_size
+        is_image = input_ids >= v
+        text = self.embedding(input_ids=input_ids.clamp(max=v - 1), position_ids=position_ids)
+        image = self.image_embedding(
+            input_ids=(input_ids - v).clamp(min=0), position_ids=position_ids
+        )
+        return torch.where(self.image_positions.mask, image, text)
+
+    def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel image-head logits with the spare slots (>= image_vocab_size) at -inf."""
+        logits, _ = self.image_output_layer(hidden)
+        part = logits.shape[-1]
+        start = self.pg_collection.tp.rank() * part
+        cols = torch.arange(start, start + part, device=logits.device)
+        return logits.masked_fill(cols >= self.model_cfg.image_vocab_size, float("-inf"))
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor] = None,
+        decoder_input: Optional[torch.Tensor] = None,
+        inference_context=None,
+        packed_seq_params=None,
+        loss_mask: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+        **unused,
+    ):
+        """Per-token loss [b, s] when `labels` is given, else (text_logits, image_logits).
+
+        Logits are [b, s, vocab/TP] (vocab-parallel) unless `runtime_gather_output` is True.
+        """
+        self.image_positions.mask = self._local_image_mask(input_ids)
+        if decoder_input is None and self.pre_process:
+            decoder_input = self._embed(input_ids, position_ids)
+        preproc = self._preprocess(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            decoder_input=decoder_input,
+            inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
+        )
+        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_len_offset, _ = preproc[:6]
+        hidden = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=seq_len_offset,
+        )
+        if not self.post_process:
+            return hidden
+        if inference_context is not None and not self.training:
+            if inference_context.materialize_only_last_token_logits:
+                hidden = hidden[-1:]
+            runtime_gather_output = True
+        text_logits, _ = self.output_layer(hidden)
+        image_logits = self._image_logits(hidden)
+        if labels is None:
+            if runtime_gather_output:
+                text_logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+                    text_logits, group=self.pg_collection.tp
+                )
+                image_logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+                    image_logits, group=self.pg_collection.tp
+                )
+            return text_logits.transpose(0, 1).contiguous(), image_logits.transpose(0, 1).contiguous()
+        return self.modality_loss(labels, text_logits, image_logits)
+
+    def modality_loss(self, labels, text_logits, image_logits) -> torch.Tensor:
+        """Per-token cross entropy [b, s]; image targets use the image head, text the text head."""
+        v = self.model_cfg.text_vocab_size
+        labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        is_image = labels >= v
+        text_loss = tensor_parallel.vocab_parallel_cross_entropy(
+            text_logits.float(), torch.where(is_image, 0, labels)
+        )
+        image_loss = tensor_parallel.vocab_parallel_cross_entropy(
+            image_logits.float(), torch.where(is_image, labels - v, 0)
+        )
+        return torch.where(is_image, image_loss, text_loss).transpose(0, 1).contiguous()
+
+
+def mode_logits(text_logits: torch.Tensor, image_logits: torch.Tensor, mode: str, image_vocab_size: int):
+    """Full-vocabulary logits [.., V + image_table] as X-Omni's released model returns them.
+
+    Text mode: text-head logits, everything else the dtype's minimum. Image mode: the first
+    `image_vocab_size` image-head logits at ids V + k, everything else the minimum.
+    Expects gathered (non-vocab-parallel) logits.
+    """
+    if mode not in (TEXT, IMAGE):
+        raise ValueError(f"mode must be 'text' or 'image', got {mode!r}")
+    v = text_logits.shape[-1]
+    out = text_logits.new_full((*text_logits.shape[:-1], v + image_logits.shape[-1]), torch.finfo(text_logits.dtype).min)
+    if mode == TEXT:
+        out[..., :v] = text_logits
+    else:
+        out[..., v : v + image_vocab_size] = image_logits[..., :image_vocab_size]
+    return out

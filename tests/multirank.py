@@ -1,0 +1,88 @@
+"""Run a function on N real ranks (gloo) from a test.
+
+Ranks are forked from a forkserver that has already imported torch and megatron-core, so a
+launch costs a fork instead of ~5 s of imports per rank. Every launch has a timeout (a hung
+collective must fail the test, not CI) and tears the process groups down at the end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["tests._preload"])
+    return _CTX
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, queue, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure to the parent, then still tear down
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron_xomni.parallel import destroy_parallel
+
+            destroy_parallel()
+        except Exception:
+            pass
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` processes; return results by rank."""
+    ctx = _context()
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    import queue as queue_mod
+
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except queue_mod.Empty:
+                raise TimeoutError(f"ranks did not finish within {timeout:.0f}s") from None
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not errors else 2)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
