@@ -75,7 +75,7 @@ def iter_tar_records(path: str | os.PathLike) -> Iterator[tuple[int, str, dict[s
             f.seek(end_of_data)
             trailer = f.read(2 * _BLOCK)
         if len(trailer) < 2 * _BLOCK or trailer.strip(b"\0"):
-            error = "shard ends early: no end-of-archive marker after the last member"
+            error = "shard ends early: no end-of-archive marker after the last readable member (cut or damaged header)"
     if key is not None:
         yield pos, key, parts, error
     elif error is not None:

@@ -6,16 +6,19 @@ so it can score images produced by a model.
 
 Detection, in plain image processing (OpenCV + numpy, no learned weights):
 1. background colour = per-channel median of the 1-pixel image border;
-2. foreground = pixels whose RGB distance to the background exceeds ``fg_threshold``;
-   this is half-way or less towards every palette colour, so blur keeps blobs near their
-   true outline and noise of a few tens of levels does not create blobs;
+2. foreground = pixels whose RGB distance to the background exceeds ``fg_threshold``
+   (a third to a half of the way to any palette colour, far above moderate noise);
 3. 8-connected components; blobs smaller than ``min_area_frac`` x short_side^2 are ignored;
-4. shape = the world shape whose template (drawn into the blob's bounding box) has the
-   highest IoU with the blob, or "unknown" below ``min_shape_iou``.  Fitting the template to
-   the blob's own box makes the test scale-free and tolerant of blur shrinking/growing it;
-5. colour = nearest palette colour to the mean of the blob's most saturated half (the
-   pixels farthest from the background, i.e. away from blurred edges), or None if farther
-   than ``color_max_dist`` from every palette colour.
+4. colour = the palette colour whose direction from the background is closest (cosine) to
+   the mean of the blob's most saturated half; blur only mixes in background, which keeps
+   that direction, so blurred blobs keep their colour name (None below ``color_min_cos``);
+5. shape = blurred-template fit: the blob's coverage map alpha (projection of each pixel
+   onto background -> blob colour, in a window around the blob, excluding pixels nearer to
+   other blobs) has a mass and a centroid that blur preserves; each world shape with that
+   area and centroid, blurred by each of a few sigmas, is compared to alpha and the least
+   squared error wins.  So blur does not turn every small shape into a "circle", as it does
+   with thresholded outlines.  Fit quality = 1 - error / energy; below ``min_fit`` the shape
+   is "unknown".  The reported box is the fitted template's box.
 
 Requests (``meta["include"]``, one dict per requested object group, GenEval-like):
 ``{"shape": str, "count": int, "exact": bool, "color": str | None, "position": [relation, j] | None}``
@@ -42,7 +45,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from megatron_xomni.world.render import shape_mask
+from megatron_xomni.world.render import shape_coverage
 from megatron_xomni.world.vocab import PALETTE, SHAPES
 
 _PALETTE_NAMES = tuple(PALETTE)
@@ -56,8 +59,12 @@ class DetectorConfig:
 
     fg_threshold: float = 90.0  # RGB distance from the background above which a pixel is foreground
     min_area_frac: float = 0.01  # ignore blobs smaller than this fraction of short_side^2
-    min_shape_iou: float = 0.6  # below this best template IoU the blob's shape is "unknown"
-    color_max_dist: float = 110.0  # farther than this from every palette colour -> colour None
+    min_fit: float = 0.6  # below this template-fit quality the blob's shape is "unknown"
+    color_min_cos: float = 0.95  # cosine to the nearest palette direction below which colour is None
+    # (palette directions are >= 20 degrees apart; black text is 21 degrees from green)
+    work_short_side: int = 128  # larger images are area-downscaled to this short side first (speed)
+    window_pad: float = 0.35  # coverage window reaches this fraction of the blob size past it
+    blur_fracs: tuple[float, ...] = (0.0, 0.03, 0.06, 0.1, 0.14, 0.19, 0.25)  # template blur sigmas / size
     position_slack: float = 0.1  # GenEval's threshold: fraction of summed sizes ignored in offsets
     position_min_cos: float = 0.5  # reduced axis offset / centre distance must exceed this
 
@@ -76,23 +83,70 @@ def _background(arr: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def _classify_shape(blob: np.ndarray) -> tuple[str, float]:
-    """Best-matching world shape for a boolean blob cropped to its bounding box."""
-    h, w = blob.shape
-    best, best_iou = "unknown", 0.0
+def _name_color(core: np.ndarray, bg: np.ndarray, min_cos: float) -> str | None:
+    """Palette colour whose direction from the background is closest to the blob's.
+
+    Blur mixes a colour with the background, which moves it along exactly that direction,
+    so comparing directions (not distances) names even faint, blurred blobs correctly."""
+    offset = core - bg
+    norm = float(np.linalg.norm(offset))
+    if norm == 0:
+        return None
+    cos = (_PALETTE_RGB - bg) @ offset / (np.linalg.norm(_PALETTE_RGB - bg, axis=1) * norm)
+    best = int(np.argmax(cos))
+    return _PALETTE_NAMES[best] if cos[best] >= min_cos else None
+
+
+def _template_box(shape: str, mass: float, cx: float, cy: float) -> tuple[float, float, float, float]:
+    """Box of the world shape with area ``mass`` and centroid (cx, cy).
+
+    Blur preserves both the integral and the centroid of a blob, so these pin the template
+    down without knowing the blur."""
+    side = math.sqrt({"square": 1.0, "circle": 4 / math.pi}.get(shape, 2.0) * mass)
+    top = cy - (2 * side / 3 if shape == "triangle" else side / 2)  # a triangle's centroid is 2/3 down
+    return (cx - side / 2, top, cx + side / 2, top + side)
+
+
+def _fit_shape(alpha: np.ndarray, allowed: np.ndarray, blur_fracs: tuple[float, ...]):
+    """(shape, fit quality, box) of the blurred world-shape template closest to ``alpha``.
+
+    ``alpha`` is the blob's coverage map (0 background .. 1 full colour).  For each shape
+    the template has the blob's mass and centroid and is blurred by each candidate sigma
+    (a fraction of its size); the best shape has the least squared error.  Quality is
+    1 - error / energy, near 1 for a clean match."""
+    height, width = alpha.shape
+    alpha = (alpha * allowed).astype(np.float32)
+    mass = float(alpha.sum())
+    energy = float((alpha**2).sum())
+    if mass <= 1.0 or energy <= 0:
+        return "unknown", 0.0, None
+    ys, xs = np.mgrid[0:height, 0:width]
+    cx, cy = float((alpha * (xs + 0.5)).sum() / mass), float((alpha * (ys + 0.5)).sum() / mass)
+    best = ("unknown", -math.inf, None)
     for shape in SHAPES:
-        template = shape_mask(shape, w, h)
-        union = np.logical_or(blob, template).sum()
-        iou = float(np.logical_and(blob, template).sum() / union) if union else 0.0
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best, best_iou
+        box = _template_box(shape, mass, cx, cy)
+        base = shape_coverage(shape, box, width, height)
+        side = box[2] - box[0]
+        for frac in blur_fracs:
+            template = cv2.GaussianBlur(base, (0, 0), frac * side) if frac > 0 else base
+            error = float((((alpha - template) * allowed) ** 2).sum())
+            quality = 1.0 - error / energy
+            if quality > best[1]:
+                best = (shape, quality, box)
+    return best
 
 
 def detect_objects(image: Image.Image | np.ndarray, config: DetectorConfig | None = None) -> list[dict[str, Any]]:
-    """Blobs in ``image`` as dicts {shape, color, box [x0,y0,x1,y1) , area, iou}."""
+    """Blobs in ``image`` as dicts {shape, color, box [x0,y0,x1,y1), area, quality}."""
     config = config or DetectorConfig()
     arr = _to_array(image)
+    full_height, full_width = arr.shape[:2]
+    # World objects are >= a fifth of the short side, so a 128 px short side keeps them
+    # >= ~25 px: plenty for the fit, and the cost no longer grows with resolution.
+    scale = min(1.0, config.work_short_side / min(full_height, full_width))
+    if scale < 1.0:
+        size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
+        arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
     height, width = arr.shape[:2]
     bg = _background(arr)
     dist_bg = np.linalg.norm(arr - bg, axis=2)
@@ -105,29 +159,31 @@ def detect_objects(image: Image.Image | np.ndarray, config: DetectorConfig | Non
             continue
         x, y, w, h = (int(v) for v in stats[k, :4])
         blob = labels[y : y + h, x : x + w] == k
-        pixels = arr[y : y + h, x : x + w][blob]
-        strength = dist_bg[y : y + h, x : x + w][blob]
+        pixels, strength = arr[y : y + h, x : x + w][blob], dist_bg[y : y + h, x : x + w][blob]
         # Colour from the blob's strongest half: away from edges that blur mixed with background.
         core = pixels[strength >= np.median(strength)].mean(axis=0)
-        dists = np.linalg.norm(_PALETTE_RGB - core, axis=1)
-        nearest = int(np.argmin(dists))
-        color = _PALETTE_NAMES[nearest] if dists[nearest] <= config.color_max_dist else None
-        # Outline = the half-way level between background and the blob's own colour.  For a
-        # blurred straight edge that level stays on the true edge, whereas the global
-        # foreground threshold (nearer the background) bulges every blurred shape outwards
-        # towards a disc.  Only this blob's pixels may take part, so neighbours never merge.
-        direction = core - bg
-        alpha = ((arr[y : y + h, x : x + w] - bg) @ direction) / max(float(direction @ direction), 1e-6)
-        outline = blob & (alpha >= 0.5)
-        if not outline.any():
+        color = _name_color(core, bg, config.color_min_cos)
+        # Coverage map in a window around the blob (blurred tails reach past the threshold),
+        # keeping only pixels nearer to this blob than to any other so neighbours never mix.
+        pad = math.ceil(config.window_pad * max(w, h)) + 1
+        x0, y0, x1, y1 = max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad)
+        crop_labels = labels[y0:y1, x0:x1]
+        to_self = cv2.distanceTransform((crop_labels != k).astype(np.uint8), cv2.DIST_L2, 3)
+        others = (crop_labels != k) & (crop_labels != 0)
+        to_other = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 3) if others.any() else np.inf
+        allowed = ((to_self <= to_other) & (to_self <= pad)).astype(np.float32)
+        target = _PALETTE_RGB[_PALETTE_NAMES.index(color)] if color is not None else core
+        direction = target - bg
+        alpha = ((arr[y0:y1, x0:x1] - bg) @ direction) / max(float(direction @ direction), 1e-6)
+        shape, quality, box = _fit_shape(alpha, allowed, config.blur_fracs)
+        if box is None:
             continue
-        ys, xs = np.nonzero(outline)
-        outline = outline[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        box = [x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1]
-        shape, iou = _classify_shape(outline)
-        if iou < config.min_shape_iou:
+        if quality < config.min_fit:
             shape = "unknown"
-        detections.append({"shape": shape, "color": color, "box": box, "area": int(outline.sum()), "iou": round(iou, 4)})
+        # Back to the caller's pixel grid (the work grid may be downscaled).
+        box = [round((box[0] + x0) / scale), round((box[1] + y0) / scale), round((box[2] + x0) / scale), round((box[3] + y0) / scale)]
+        area = int(round(stats[k, cv2.CC_STAT_AREA] / scale**2))
+        detections.append({"shape": shape, "color": color, "box": box, "area": area, "quality": round(quality, 4)})
     return detections
 
 

@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, trainer loop."""
