@@ -72,8 +72,12 @@ def save_checkpoint(
     sharded_state_dict: dict,
     metadata: Optional[dict[str, dict]] = None,
     keep_last: Optional[int] = None,
+    per_rank: Optional[dict] = None,
 ) -> Path:
-    """Collective: every rank calls it with its sharded state dict. Returns the final folder."""
+    """Collective: every rank calls it with its sharded state dict. Returns the final folder.
+
+    `per_rank` (tensors/dicts, e.g. RNG states) is written by each rank to
+    `rank_state/<rank>.pt` inside the same atomic folder."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -87,6 +91,9 @@ def save_checkpoint(
     _barrier()
     _fork_results_queue()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
+    if per_rank is not None:
+        (tmp / "rank_state").mkdir(exist_ok=True)
+        torch.save(per_rank, tmp / "rank_state" / f"{_rank()}.pt")
     _barrier()
     if _rank() == 0:
         for name, payload in (metadata or {}).items():
@@ -133,3 +140,9 @@ def load_checkpoint(ckpt_dir, sharded_state_dict: dict, strict: bool = True) -> 
         str(ckpt_dir),
         strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
     )
+
+
+def load_rank_state(ckpt_dir) -> Optional[dict]:
+    """This rank's `per_rank` payload (weights_only: nothing in a checkpoint is executed)."""
+    path = Path(ckpt_dir) / "rank_state" / f"{_rank()}.pt"
+    return torch.load(path, weights_only=True) if path.exists() else None

@@ -64,18 +64,24 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
         p.start()
     results, errors = {}, []
     import queue as queue_mod
+    import time
 
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout)
+                rank, status, payload = queue.get(timeout=0.5)
             except queue_mod.Empty:
-                raise TimeoutError(f"ranks did not finish within {timeout:.0f}s") from None
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:  # killed or os._exit() without reporting (a crash, SIGKILL, ...)
+                    errors.append(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout:.0f}s") from None
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=30 if not errors else 2)

@@ -14,21 +14,23 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
-def loss_func(loss_mask: torch.Tensor, tokens: torch.Tensor, text_vocab_size: int, per_token_loss: torch.Tensor):
-    """(sum of masked token losses, number of masked tokens, logged values)."""
+def loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, text_vocab_size: int, per_token_loss: torch.Tensor):
+    """(sum of masked token losses, number of masked tokens, per-modality sums for logging)."""
     mask = loss_mask.float()
     losses = per_token_loss.float() * mask
     loss_sum = losses.sum()
-    n = mask.sum().to(torch.int)
-    # Per-modality sums for logging: targets are the *next* tokens (labels), tokens are inputs.
-    stats = torch.stack([loss_sum.detach(), mask.sum()])
-    return loss_sum, n, {"loss": stats}
+    is_image = (labels >= text_vocab_size).float()
+    stats = torch.stack([
+        (losses * (1 - is_image)).sum().detach(), (mask * (1 - is_image)).sum(),
+        (losses * is_image).sum().detach(), (mask * is_image).sum(),
+    ])
+    return loss_sum, mask.sum().to(torch.int), {"loss": stats}
 
 
 def _forward_step(text_vocab_size: int, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"], batch["tokens"], text_vocab_size)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"], batch["labels"], text_vocab_size)
 
 
 def forward_backward(
@@ -37,8 +39,9 @@ def forward_backward(
     text_vocab_size: int,
     pg_collection,
     forward_only: bool = False,
-) -> Optional[float]:
-    """Run all micro-batches; returns the token-weighted mean loss (same value on every rank)."""
+) -> dict:
+    """Run all micro-batches. Returns token-weighted mean losses, identical on every rank:
+    {"loss", "text_loss", "image_loss", "tokens"} (a modality without targets has loss nan)."""
     seq_length = microbatches[0]["tokens"].shape[1]
     mbs = microbatches[0]["tokens"].shape[0]
     fb = get_forward_backward_func(
@@ -54,13 +57,20 @@ def forward_backward(
         micro_batch_size=mbs,
         forward_only=forward_only,
     )
-    stats = torch.zeros(2, dtype=torch.float64)
+    stats = torch.zeros(4, dtype=torch.float64)
     for item in store or []:
         stats += item["loss"].double()
     # Only the last stage has losses; sum over PP (others contribute 0) and DP.
     torch.distributed.all_reduce(stats, group=pg_collection.pp)
     torch.distributed.all_reduce(stats, group=pg_collection.dp_cp)
-    return (stats[0] / stats[1].clamp(min=1)).item()
+    t_sum, t_n, i_sum, i_n = stats.tolist()
+    nan = float("nan")
+    return {
+        "loss": (t_sum + i_sum) / max(t_n + i_n, 1.0),
+        "text_loss": t_sum / t_n if t_n else nan,
+        "image_loss": i_sum / i_n if i_n else nan,
+        "tokens": t_n + i_n,
+    }
 
 
 def forward_logits(chunks: list, microbatches: list[dict], pg_collection) -> list[torch.Tensor]:

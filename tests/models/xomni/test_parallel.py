@@ -88,7 +88,7 @@ def _layout_rank(rank, world, ckpt, layout, out_dir, distopt):
     per = len(batches) // dp
     mine = batches[dp_rank * per:(dp_rank + 1) * per]
     zero_grads(wrapped, opt)
-    loss = forward_backward(wrapped, mine, TEXT_V, pg)
+    loss = forward_backward(wrapped, mine, TEXT_V, pg)["loss"]
     ok, grad_norm, _ = opt.step()
     save_checkpoint(out_dir, 1, model_sharded_state_dict(chunks), {"model_config": mcfg.to_dict()})
     return {"logits": logits, "loss": loss, "grad_norm": grad_norm, "ok": ok}
