@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_xomni.models.xomni.attention import SDPAttention
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.models.xomni.layers import XOmniFinalNorm, XOmniVisionLayer
 from megatron_xomni.models.xomni.norm import RMSNorm
@@ -38,7 +39,10 @@ def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type]:
 
         return specs.get_gpt_layer_with_transformer_engine_spec(), TENorm
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    sub = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPAttention))
+    sub = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+                              self_attention=attn)
     return dataclasses.replace(spec, submodules=sub), RMSNorm
 
 
