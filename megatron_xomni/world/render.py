@@ -53,12 +53,12 @@ def shape_coverage(shape: str, box: Sequence[float], width: int, height: int, su
 
 @dataclasses.dataclass(frozen=True)
 class TextLayout:
-    """How a piece of text is set: wrapped lines, font size and the size of the ink box."""
+    """How a piece of text is set: wrapped lines, font size and the size of its layout box."""
 
     lines: tuple[str, ...]  # the text broken into lines (joined with "\n" to draw)
     font_px: int  # font size in output pixels
-    width: int  # width of the ink bounding box in output pixels (rounded up)
-    height: int  # height of the ink bounding box in output pixels (rounded up)
+    width: int  # width of the text's layout box (glyph advances) in output pixels, rounded up
+    height: int  # height of the text's layout box (ascender to descender) in output pixels, rounded up
 
 
 def _spacing(font_px: int, supersample: int) -> int:
@@ -67,7 +67,8 @@ def _spacing(font_px: int, supersample: int) -> int:
 
 
 def _measure(lines: Sequence[str], font_px: int, font_path: str | None, supersample: int) -> tuple[int, int, int, int]:
-    """Ink bounding box of ``lines`` at the supersampled scale, drawn at the origin."""
+    """Layout box of ``lines`` at the supersampled scale, drawn at the origin (Pillow's
+    textbbox: glyph advances horizontally, so it contains the ink)."""
     font = get_font(font_px * supersample, font_path)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     return probe.multiline_textbbox((0, 0), "\n".join(lines), font=font, spacing=_spacing(font_px, supersample), align="center")
@@ -132,7 +133,7 @@ def render_scene(
         font = get_font(layout.font_px * scale, font_path)
         spacing = _spacing(layout.font_px, scale)
         left, top, _, _ = _measure(layout.lines, layout.font_px, font_path, scale)
-        # Shift by the ink offset so the ink box starts exactly at (x, y).
+        # Shift by the box offset so the layout box starts exactly at (x, y).
         draw.multiline_text(
             (x * scale - left, y * scale - top), "\n".join(layout.lines), fill=tuple(rgb), font=font, spacing=spacing,
             align="center",

@@ -11,6 +11,13 @@ so they do not depend on PYTHONHASHSEED, and any sample can be produced on its o
 to generate the ones before it).  Training uses the "train" stream; ``held_out_prompts``
 uses the "heldout" stream, so the two never share a random stream even for equal seeds.
 
+Meta (JSON-serialisable): "skill", "stream", "seed", "index", "width", "height",
+"background" [r, g, b], "caption", "objects" [{"shape", "color", "rgb", "box"}] with boxes
+[x0, y0, x1, y1) in pixels (the shape touches all four box edges), "include" (what the
+prompt asks for, the detector's input: see ``megatron_xomni.world.detector``), "text"
+(the exact rendered string, or None), and for the text skill also "text_box" (tight ink
+box), "text_lines", "text_color" and "font_px".
+
 Layout: objects are put in distinct cells of a small grid (chosen to fit the aspect ratio)
 at a random size and position inside their cell, so they never overlap and keep a gap of
 several pixels even at 64x64.
@@ -24,7 +31,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from megatron_xomni.world.render import TextLayout, fit_text, render_scene
 from megatron_xomni.world.vocab import (
@@ -91,7 +98,7 @@ class WorldSample:
 
     image: Image.Image  # RGB, exactly (width, height)
     caption: str  # natural prompt describing the image
-    meta: dict[str, Any]  # JSON-serialisable ground truth (see module docstring of detector for "include")
+    meta: dict[str, Any]  # JSON-serialisable ground truth (keys: see the module docstring)
     qa: list[tuple[str, str]]  # question/answer pairs about the image
 
 
@@ -354,7 +361,9 @@ def _generate(stream: str, index: int, seed: int, height: int, width: int, skill
             objects=[],
             include=[],
             text=text,
-            text_box=[x, y, x + layout.width, y + layout.height],
+            # Font bounding boxes span the glyph advances, not the ink, so the tight ink box
+            # is read off the rendered image (the text is the only thing drawn).
+            text_box=list(ImageChops.difference(image, Image.new("RGB", image.size, config.background)).getbbox()),
             text_lines=list(layout.lines),
             text_color=list(config.text_color),
             font_px=layout.font_px,
