@@ -53,7 +53,9 @@ def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg}); expected {what}") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line for {what}, got {type(obj).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object per line for {what}, got {type(obj).__name__}"
+                )
             rows.append((lineno, obj))
     if not rows:
         raise ValueError(f"{path} is empty; expected {what}")
@@ -84,7 +86,8 @@ def load_geneval(path: str | Path) -> list[BenchmarkPrompt]:
     for index, (lineno, obj) in enumerate(_read_jsonl(path, what)):
         _require(path, lineno, obj, ("tag", "include", "prompt"), what)
         if not isinstance(obj["include"], list):
-            raise ValueError(f"{path}:{lineno}: 'include' must be a list of objects, got {type(obj['include']).__name__}")
+            kind = type(obj["include"]).__name__
+            raise ValueError(f"{path}:{lineno}: 'include' must be a list of objects, got {kind}")
         meta = {k: v for k, v in obj.items() if k != "prompt"}
         prompts.append(BenchmarkPrompt(id=f"{index:05d}", prompt=str(obj["prompt"]), meta=meta))
     return prompts
@@ -118,27 +121,29 @@ def load_dpg_bench(path: str | Path) -> list[BenchmarkPrompt]:
             fields = set(reader.fieldnames or [])
             missing = {"item_id", "text"} - fields
             if missing:
-                raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected the DPG-Bench CSV")
+                cols = ", ".join(sorted(missing))
+                raise ValueError(f"{csv_path}: missing column(s) {cols}; expected the DPG-Bench CSV")
             for lineno, row in enumerate(reader, 2):
                 item = (row["item_id"] or "").strip()
                 if not item:
                     raise ValueError(f"{csv_path}:{lineno}: empty item_id")
                 texts.setdefault(item, row["text"])
-                extra.setdefault(item, {"keywords": row.get("keywords", "")})
+                extra.setdefault(item, {"keywords": row.get("keywords") or ""})
                 q = questions.setdefault(item, [])
                 if row.get("question_natural_language"):
                     where = f"{csv_path}:{lineno}"
+                    raw_pid = row.get("proposition_id") or ""
                     try:
-                        pid = int(row.get("proposition_id", ""))
+                        pid = int(raw_pid)
                     except ValueError:
-                        raise ValueError(f"{where}: proposition_id {row.get('proposition_id')!r} is not an integer") from None
+                        raise ValueError(f"{where}: proposition_id {raw_pid!r} is not an integer") from None
                     q.append({
                         "proposition_id": pid,
                         "question": row["question_natural_language"],
-                        "dependency": _parse_dependency(row.get("dependency", "0") or "0", where),
-                        "tuple": row.get("tuple", ""),
-                        "category_broad": row.get("category_broad", ""),
-                        "category_detailed": row.get("category_detailed", ""),
+                        "dependency": _parse_dependency(row.get("dependency") or "0", where),
+                        "tuple": row.get("tuple") or "",
+                        "category_broad": row.get("category_broad") or "",
+                        "category_detailed": row.get("category_detailed") or "",
                     })
         if not texts:
             raise ValueError(f"{csv_path} has no rows; expected the DPG-Bench CSV")

@@ -21,13 +21,16 @@ class HPSv2Reward:
     """``model_dir``: local CLIPModel + CLIPProcessor folder; ``device``/``dtype``: where and how to run;
     ``batch_size``: images per forward pass."""
 
-    def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None, batch_size: int = 16) -> None:
+    def __init__(
+        self, model_dir: str | None = None, device: str = "cpu", dtype: str | None = None, batch_size: int = 16
+    ) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         path = local_model_dir(model_dir, "hpsv2")
         self.batch_size = check_batch_size(batch_size)
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype)).to(self.device).eval()
+        model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype))
+        self.model = model.to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         self.max_text_len = self.model.config.text_config.max_position_embeddings
 

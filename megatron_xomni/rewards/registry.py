@@ -31,6 +31,7 @@ An image with no value from any component gets ``total = None``; the trainer sho
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 from collections import Counter
@@ -94,7 +95,12 @@ def get_reward(name: str, **kwargs: Any) -> RewardFn:
         raise ValueError(
             f"unknown reward {name!r}; registered rewards: {', '.join(sorted(_REGISTRY))}"
         )
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for reward {name!r}: {exc}") from None
+    return factory(**kwargs)
 
 
 @dataclass

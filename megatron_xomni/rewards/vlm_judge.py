@@ -51,7 +51,7 @@ class VLMJudgeReward:
 
     def __init__(
         self,
-        model_dir: str,
+        model_dir: str | None = None,
         device: str = "cpu",
         dtype: str | None = None,
         batch_size: int = 4,
@@ -117,8 +117,10 @@ class VLMJudgeReward:
         scores: list[float | None] = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
-            vision = self.image_processor(images=[im.convert("RGB") for im in images[start:stop]], return_tensors="pt")
-            enc = self.tokenizer(self._texts(prompts[start:stop], vision["image_grid_thw"]), padding=True, return_tensors="pt")
+            batch = [im.convert("RGB") for im in images[start:stop]]
+            vision = self.image_processor(images=batch, return_tensors="pt")
+            texts = self._texts(prompts[start:stop], vision["image_grid_thw"])
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt")
             logits = self.model(
                 input_ids=enc["input_ids"].to(self.device),
                 attention_mask=enc["attention_mask"].to(self.device),

@@ -151,3 +151,13 @@ def test_longtext_bench_errors(tmp_path):
         load_longtext_bench(bad)
     with pytest.raises(ValueError, match="unknown benchmark"):
         load_benchmark("mmlu", bad)
+
+
+def test_dpg_bench_bad_proposition_id(tmp_path):
+    bad = tmp_path / "dpg_bench.csv"
+    bad.write_text("item_id,text,proposition_id,question_natural_language\nx,t,one,Is it?\ny,u\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="proposition_id 'one' is not an integer"):
+        load_dpg_bench(bad)
+    bad.write_text("item_id,text,question_natural_language\nx,t,Is it?\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="proposition_id '' is not an integer"):
+        load_dpg_bench(bad)

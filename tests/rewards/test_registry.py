@@ -120,3 +120,9 @@ def test_registry_errors():
         RewardEnsemble({"a": 1.0}, on_failure="ignore")
     with pytest.raises(ValueError, match="one entry per image"):
         RewardEnsemble({"a": 1.0})(["p"], [], [{}])
+
+
+def test_bad_factory_arguments_are_a_value_error():
+    _table("a", [1.0])
+    with pytest.raises(ValueError, match="bad arguments for reward 'a'"):
+        get_reward("a", bogus=1)
