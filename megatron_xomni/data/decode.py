@@ -167,9 +167,9 @@ class PillowDecoder:
         return preprocess(decode_pillow(data, self.exif_transpose), self.cfg)
 
 
-def dali_available() -> bool:
-    """True when nvidia.dali imports and a CUDA device is visible."""
-    if not torch.cuda.is_available():
+def dali_available(require_cuda: bool = True) -> bool:
+    """True when nvidia.dali imports (and, with require_cuda, a CUDA device is visible)."""
+    if require_cuda and not torch.cuda.is_available():
         return False
     try:
         import nvidia.dali  # noqa: F401
@@ -179,11 +179,13 @@ def dali_available() -> bool:
 
 
 class DaliDecoder:
-    """GPU decoder: DALI's `fn.decoders.image` (device "mixed") then the Pillow-exact resize on the GPU.
+    """DALI decoder: `fn.decoders.image` then the Pillow-exact resize (`resize_uint8_tensor`) on the same device.
 
-    Returns CUDA tensors, so use it in the main process (DataLoader num_workers=0): CUDA cannot be
-    initialised in forked DataLoader workers. One record per DALI run keeps per-record error accounting
-    exact; the decode itself is still GPU (nvJPEG / hardware JPEG decoder).
+    device="gpu" (default) decodes with DALI's "mixed" backend (nvJPEG / the hardware JPEG decoder) and
+    returns CUDA tensors, so use it in the main process (DataLoader num_workers=0): CUDA cannot be
+    initialised in forked DataLoader workers. device="cpu" runs DALI's CPU backend (libjpeg-turbo,
+    libpng) and returns CPU tensors; it needs no GPU. One record per DALI run keeps per-record error
+    accounting exact.
     """
 
     name = "dali"
@@ -192,17 +194,26 @@ class DaliDecoder:
         self,
         cfg: ImagePreprocessConfig | None = None,
         exif_transpose: bool = True,
+        device: str = "gpu",
         device_id: int | None = None,
         num_threads: int = 2,
     ):
-        if not dali_available():
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"DaliDecoder device must be 'gpu' or 'cpu', got {device!r}")
+        if not dali_available(require_cuda=device == "gpu"):
             raise ValueError(
-                "decoder='dali' needs nvidia.dali and a CUDA device; install nvidia-dali-cuda120 on a GPU "
-                "machine or use decoder='pillow' / 'auto'"
+                "decoder='dali' needs nvidia.dali (and a CUDA device for device='gpu'); install "
+                "nvidia-dali-cuda120 on a GPU machine or use decoder='pillow' / 'auto'"
             )
         self.cfg = cfg or ImagePreprocessConfig()
         self.exif_transpose = exif_transpose
-        self.device_id = torch.cuda.current_device() if device_id is None else device_id
+        self.device = device
+        if device == "gpu":
+            self.device_id = torch.cuda.current_device() if device_id is None else device_id
+            self.torch_device = torch.device("cuda", self.device_id)
+        else:
+            self.device_id = None
+            self.torch_device = torch.device("cpu")
         self.num_threads = num_threads
         self.fallbacks = 0  # records DALI could not decode but Pillow could
         self._pipe = None
@@ -211,13 +222,14 @@ class DaliDecoder:
         from nvidia.dali import fn, pipeline_def, types
 
         exif = self.exif_transpose
+        backend = "mixed" if self.device == "gpu" else "cpu"
 
         @pipeline_def
         def decode_pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             # fancy upsampling = libjpeg's default chroma upsampling, which is what Pillow uses
             kwargs = {} if exif else {"adjust_orientation": False}
-            return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True, **kwargs)
+            return fn.decoders.image(encoded, device=backend, output_type=types.RGB, jpeg_fancy_upsampling=True, **kwargs)
 
         # synchronous, depth-1 pipeline: each run() consumes exactly the one record fed before it
         pipe = decode_pipe(
@@ -232,7 +244,7 @@ class DaliDecoder:
         return pipe
 
     def decode_hwc(self, data: bytes) -> torch.Tensor:
-        """Decode on the GPU to a uint8 CUDA tensor [h, w, 3]; raises whatever DALI raises."""
+        """Decode to a uint8 tensor [h, w, 3] on self.torch_device; raises whatever DALI raises."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if self._pipe is None:
@@ -241,10 +253,11 @@ class DaliDecoder:
             self._pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
             (out,) = self._pipe.run()
             tensor = out[0]
-            result = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-            feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device_id))
+            result = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device=self.torch_device)
+            stream = torch.cuda.current_stream(self.device_id) if self.device == "gpu" else None
+            feed_ndarray(tensor, result, cuda_stream=stream)
         except Exception:
-            self._pipe = None  # a failed run can leave the pipeline unusable; rebuild on the next record
+            self._pipe = None  # DALI invalidates a pipeline after a failed run; rebuild on the next record
             raise
         return result
 
@@ -256,7 +269,7 @@ class DaliDecoder:
             # DALI gives no per-record reason; Pillow either decodes the record or says why it is bad
             image = decode_pillow(data, self.exif_transpose)
             self.fallbacks += 1
-            chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).to(f"cuda:{self.device_id}")
+            chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).to(self.torch_device)
         size = target_size(chw.shape[1], chw.shape[2], self.cfg)
         return normalize_uint8(resize_uint8_tensor(chw, size, self.cfg.resample), self.cfg).contiguous()
 

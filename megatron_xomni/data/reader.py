@@ -119,7 +119,8 @@ class CorpusReader:
     """Iterate a corpus as samples {key, pixels [3, H, W], caption, meta, shard}.
 
     path: corpus directory (with index.json, or just *.tar files), a single .tar, or a list of .tar paths.
-    decoder: "auto" (DALI on GPU where available, else Pillow), "pillow" or "dali".
+    decoder: "auto" (DALI on GPU where available, else Pillow), "pillow", "dali", or a decoder object
+    (callable bytes -> tensor raising DecodeFailed / ImageRejected, e.g. DaliDecoder(cfg, device="cpu")).
     All skipped records are counted in `self.report` (a SkipReport).
     """
 
@@ -127,16 +128,16 @@ class CorpusReader:
         self,
         path,
         preprocess_cfg: ImagePreprocessConfig | None = None,
-        decoder: str = "auto",
+        decoder="auto",
         exif_transpose: bool = True,
         report: SkipReport | None = None,
     ):
         self.shards, self.expected_counts = _resolve_shards(path)
         self.cfg = preprocess_cfg or ImagePreprocessConfig()
-        self.decoder_kind = decoder
+        self.decoder_kind = decoder if isinstance(decoder, str) else getattr(decoder, "name", "custom")
         self.exif_transpose = exif_transpose
         self.report = report if report is not None else SkipReport()
-        self._decoder = None
+        self._decoder = None if isinstance(decoder, str) else decoder
 
     @property
     def decoder(self):

@@ -130,3 +130,12 @@ def test_tensor_resize_matches_pillow(hw, size):
     diff = np.abs(out - ref)
     assert diff.max() <= 1
     assert (diff > 0).mean() < 0.01  # off-by-one only at float rounding ties
+
+
+def test_cpu_and_tensor_normalisation_paths_agree_bitwise():
+    """preprocess() normalises in numpy, the DALI path with normalize_uint8 in torch: same float32 bits."""
+    from megatron_xomni.data.preprocess import normalize_uint8
+
+    arr = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    for cfg in (TINY, ImagePreprocessConfig(min_short=64, max_long=192, min_short_reject=32, mean=0.45, std=0.27)):
+        assert torch.equal(preprocess(Image.fromarray(arr), cfg), normalize_uint8(torch.from_numpy(arr).permute(2, 0, 1), cfg))
