@@ -62,7 +62,8 @@ class SigLIPVQConfig:
     skip_quant_prob: float = 0.1
     """Fraction of training samples (whole images) that bypass quantization."""
     search_chunk_size: int = 4096
-    """Codes per chunk in the nearest-code search; bounds its memory to N x chunk."""
+    """Codes scored per block in the nearest-code search (rows are blocked too, so the score
+    matrix stays <= 2^24 entries whatever the batch and codebook sizes)."""
     reseed_buffer_size: int = 8192
     """Recent (normalised) encoder features kept for dead-code re-seeding; 0 disables."""
 

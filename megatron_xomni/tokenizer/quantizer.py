@@ -7,13 +7,17 @@ nearest code, while gradients reach z and *every* code through the soft weights 
 backprop keeps the whole codebook alive). softmax(-d / tau) = softmax(2 z.e / tau), so the
 soft mixture softmax(-d/tau) @ E is one attention call (query z, keys = values = E,
 scale 2/tau), which `scaled_dot_product_attention` computes without materialising N x K
-weights where a fused kernel applies.
+weights where a fused kernel applies (on GPUs those cap the head dim, so D = 2048 takes the
+math path: N x K weights, as in a plain implementation).
 
 Losses (means over all tokens and channels; skipped samples included, as in X-Omni):
     index_loss      = mean((q_st - z)^2)          q_st: straight-through code (grads via soft path)
     codebook_loss   = mean((e_hard - sg(z))^2)     pulls the chosen codes to the features
     commitment_loss = beta * mean((z - sg(e_hard))^2)   pulls the features to their codes
     loss            = index_loss + codebook_loss + commitment_loss
+beta (0.25) sits on the encoder-side commitment term, the VQ-VAE convention; the authors'
+released inference code puts its beta on the codebook-side term instead (training code is
+unreleased), so swap the roles by setting codebook/commitment weights in the caller if needed.
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ from .config import SigLIPVQConfig
 
 
 @torch.no_grad()
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096,
+                 max_scores: int = 1 << 24) -> torch.Tensor:
     """Index of the nearest (unit-norm) code for each (unit-norm) row of z.
 
     z: [N, D], codebook: [K, D], both L2-normalised. Returns LongTensor [N].
-    argmin ||z - e||^2 = argmax z.e; rows and codes are both processed in blocks of
-    `chunk_size`, so peak extra memory is chunk_size^2 scores whatever N and K are.
+    argmin ||z - e||^2 = argmax z.e; codes are scored `chunk_size` at a time against blocks of
+    max(1, max_scores // chunk_size) rows, so the score matrix never exceeds
+    max(max_scores, chunk_size) entries (64 MiB in fp32 by default) whatever N and K are.
     Ties keep the lowest index (as `argmin` does). Low-precision inputs are scored in fp32.
     """
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
@@ -42,8 +48,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096
     dtype = torch.promote_types(z.dtype, torch.float32)
     z = z.to(dtype)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for r0 in range(0, z.shape[0], chunk_size):
-        rows = z[r0:r0 + chunk_size]
+    row_block = max(1, max_scores // chunk_size)
+    for r0 in range(0, z.shape[0], row_block):
+        rows = z[r0:r0 + row_block]
         best_val = torch.full((rows.shape[0],), float("-inf"), dtype=dtype, device=z.device)
         best_idx = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
         for c0 in range(0, codebook.shape[0], chunk_size):
@@ -51,7 +58,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096
             better = val > best_val  # strict: an equal score in a later chunk keeps the earlier index
             best_val = torch.where(better, val, best_val)
             best_idx = torch.where(better, idx + c0, best_idx)
-        out[r0:r0 + chunk_size] = best_idx
+        out[r0:r0 + row_block] = best_idx
     return out
 
 

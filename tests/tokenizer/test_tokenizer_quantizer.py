@@ -15,8 +15,8 @@ def _quantizer(**overrides):
     return IndexBackpropQuantizer(cfg)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
-def test_nearest_code_equals_brute_force(chunk):
+@pytest.mark.parametrize("chunk,max_scores", [(1, 1), (5, 20), (5, 1 << 24), (64, 100), (4096, 1 << 24)])
+def test_nearest_code_equals_brute_force(chunk, max_scores):
     torch.manual_seed(0)
     z = F.normalize(torch.randn(67, 12, dtype=torch.float64), dim=-1)
     codes = F.normalize(torch.randn(45, 12, dtype=torch.float64), dim=-1)
@@ -24,7 +24,7 @@ def test_nearest_code_equals_brute_force(chunk):
     for row in z:  # explicit loop over features, squared Euclidean distance to every code
         dists = [float(((row - c) ** 2).sum()) for c in codes]
         want.append(min(range(len(dists)), key=dists.__getitem__))
-    got = nearest_code(z, codes, chunk_size=chunk)
+    got = nearest_code(z, codes, chunk_size=chunk, max_scores=max_scores)  # row/code blocks of all sizes
     assert got.tolist() == want
     assert torch.equal(got, torch.cdist(z, codes).argmin(dim=1))
 
