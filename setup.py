@@ -16,7 +16,8 @@ INSTALL_REQUIRES = [
     "pillow",
     "webdataset",
     "matplotlib",
-    "rapidocr",
+    "rapidocr",  # ships PP-OCR models in its wheel
+    "opencv-python-headless",  # world detector
     "onnxruntime",
     "tqdm",
 ]
@@ -31,7 +32,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         # GPU-only: installable only where CUDA exists.
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120", "nvidia-nvimgcodec-cu12", "optree"],
     },
     entry_points={"console_scripts": ["xomni=megatron_xomni.cli:main"]},
 )
