@@ -1,0 +1,267 @@
+"""GRPO: group-normalised advantages, the clipped-ratio objective with a k3 KL penalty, and one
+RL step (reference log-probs + `ppo_epochs` optimizer updates through megatron-core's schedule).
+
+Per sampled token t of sequence i (A_i the sequence's advantage, r = exp(logp - old_logp)):
+    L_t = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t,
+    k3_t = exp(ref_logp - logp) - (ref_logp - logp) - 1      (>= 0, unbiased for KL(pi || ref))
+Aggregation over a minibatch (all data-parallel ranks together):
+    "sequence" (X-Omni): mean over each sequence's tokens, then mean over sequences;
+    "token": sum over all tokens / number of tokens.
+Both become one per-token weight tensor computed before the forward, so the loss a micro-batch
+returns is already on the global scale and the result does not depend on how rows are split
+into micro-batches, pipeline stages or data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_xomni.rl.logprobs import (
+    _device,
+    _to,
+    compute_logprobs,
+    pack_rollouts,
+    policy_logprobs_and_entropy,
+    split_microbatches,
+)
+from megatron_xomni.rl.rollout import Rollout
+
+_STATS = ("objective", "pg_loss", "kl", "clipped", "entropy", "ratio", "tokens")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO objective and update schedule."""
+
+    clip_eps_low: float = 0.2
+    """Lower clip: the ratio is clipped at 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """Upper clip: the ratio is clipped at 1 + clip_eps_high (> clip_eps_low = DAPO's clip-higher)."""
+    kl_beta: float = 0.01
+    """Weight of the k3 KL penalty against the reference policy (X-Omni: 0.01; 0 skips the reference)."""
+    adv_eps: float = 1e-6
+    """Added to the group std before dividing."""
+    scale_adv_by_std: bool = True
+    """Divide by the group std (False: advantages are only mean-centred, as in Dr. GRPO)."""
+    loss_aggregation: str = "sequence"
+    """'sequence' (mean over tokens of a sequence, then over sequences; X-Omni) or 'token'."""
+    ppo_epochs: int = 1
+    """Passes over the rollouts per RL step."""
+    num_minibatches: int = 1
+    """Optimizer updates per epoch; update u takes the groups with prompt_id % num_minibatches == u."""
+    micro_batch_size: int = 1
+    """Rows per forward/backward micro-batch."""
+    pad_id: int = 0
+    """Token used to right-pad sequences (never scored)."""
+
+    def validate(self) -> None:
+        if self.loss_aggregation not in ("sequence", "token"):
+            raise ValueError(f"loss_aggregation={self.loss_aggregation!r}: choose 'sequence' or 'token'")
+        if not (0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0):
+            raise ValueError(f"clip eps ({self.clip_eps_low}, {self.clip_eps_high}) must satisfy 0 <= low < 1, high >= 0")
+        if self.kl_beta < 0:
+            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
+        for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+# ---- math ----------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_ids: Sequence[int], eps: float = 1e-6,
+                     scale_by_std: bool = True) -> torch.Tensor:
+    """(r - mean_g) / (std_g + eps) per group (std: unbiased, as torch.std; a group of one gets 0)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    gids = torch.as_tensor(list(group_ids), dtype=torch.long)
+    if gids.numel() != rewards.numel():
+        raise ValueError(f"{rewards.numel()} rewards but {gids.numel()} group ids")
+    adv = torch.zeros_like(rewards)
+    for g in torch.unique(gids):
+        sel = gids == g
+        r = rewards[sel]
+        centred = r - r.mean()
+        if scale_by_std:
+            std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
+            centred = centred / (std + eps)
+        adv[sel] = centred
+    return adv.float()
+
+
+def grpo_token_terms(logp, old_logp, ref_logp, advantages, cfg: GRPOConfig) -> dict:
+    """Per-token loss terms [b, s] (advantages broadcast per row: [b, 1] or [b, s])."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    pg = -torch.minimum(unclipped, clipped_ratio * advantages)
+    if ref_logp is not None and cfg.kl_beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+    else:
+        kl = torch.zeros_like(logp)
+    is_clipped = ((advantages > 0) & (ratio > 1.0 + cfg.clip_eps_high)) | (
+        (advantages < 0) & (ratio < 1.0 - cfg.clip_eps_low))
+    return {"loss": pg + cfg.kl_beta * kl, "pg_loss": pg, "kl": kl, "ratio": ratio, "clipped": is_clipped}
+
+
+def loss_weights(action_mask: torch.Tensor, aggregation: str, dp_group=None) -> torch.Tensor:
+    """Per-token weights [N, s] whose weighted sum of token losses is the minibatch objective.
+
+    Normalisers are global over `dp_group` (every data-parallel replica's part of the minibatch).
+    """
+    mask = action_mask if action_mask.is_floating_point() else action_mask.float()
+    if aggregation == "token":
+        total = mask.sum().double().reshape(1)
+        if dp_group is not None:
+            torch.distributed.all_reduce(total, group=dp_group)
+        return mask / total.clamp(min=1).to(mask.dtype)
+    per_seq = mask.sum(-1, keepdim=True)
+    seqs = (per_seq > 0).double().sum().reshape(1)
+    if dp_group is not None:
+        torch.distributed.all_reduce(seqs, group=dp_group)
+    return mask / per_seq.clamp(min=1) / seqs.clamp(min=1).to(mask.dtype)
+
+
+def grpo_loss_func(batch: dict, cfg: GRPOConfig, pg, scale: float, model, output):
+    """megatron-core loss_func: (weighted loss * scale, 1, {"grpo": stats}).
+
+    `scale` = num_microbatches * data-parallel size undoes the schedule's division by the number of
+    micro-batches and DDP's gradient averaging over replicas, so the gradient is that of the
+    global objective (the per-token weights already hold the global normaliser).
+    """
+    logp, ent = policy_logprobs_and_entropy(model, output, batch["labels"], pg)
+    mask = batch["action_mask"]
+    terms = grpo_token_terms(logp, batch["old_logprobs"], batch.get("ref_logprobs"),
+                             batch["advantages"].unsqueeze(-1), cfg)
+    w = batch["loss_weight"]
+    objective = (terms["loss"] * w).sum()
+    with torch.no_grad():
+        stats = torch.stack([
+            objective.detach(), (terms["pg_loss"] * w).sum(), (terms["kl"] * mask).sum(),
+            (terms["clipped"].float() * mask).sum(), (ent * mask).sum(), (terms["ratio"] * mask).sum(),
+            mask.sum(),
+        ]).double()
+    return objective * scale, torch.ones((), dtype=torch.int, device=objective.device), {"grpo": stats}
+
+
+def _forward_step(cfg: GRPOConfig, pg, scale: float, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(grpo_loss_func, batch, cfg, pg, scale, model)
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+class GRPOStep:
+    """One RL step on this data-parallel replica's rollouts.
+
+    policy_chunks: DDP-wrapped chunks from `wrap_and_build_optimizer` (with `optimizer`);
+    ref_chunks: the frozen reference in the same layout (unwrapped is fine), or None when
+    kl_beta == 0. Every rank of a replica passes the same rollouts and rewards; all samples of a
+    prompt must be on one replica (rollouts are generated that way).
+
+    Returns statistics: loss / pg_loss (objective per update, averaged over updates), kl,
+    clip_fraction, entropy and ratio_mean (token means over all replicas and updates),
+    first_update_ratio_mean (1 for on-policy rollouts), grad_norms per update, and this
+    replica's reward_mean, advantage_abs_mean and response_length; `time` splits seconds into
+    prepare / reference / update (generation is timed by the caller).
+    """
+
+    def __init__(self, policy_chunks: list, optimizer, pg, cfg: Optional[GRPOConfig] = None,
+                 ref_chunks: Optional[list] = None):
+        cfg = cfg or GRPOConfig()
+        cfg.validate()
+        if cfg.kl_beta > 0 and ref_chunks is None:
+            raise ValueError("kl_beta > 0 needs ref_chunks (the frozen reference policy); or set kl_beta=0")
+        self.policy, self.optimizer, self.pg, self.cfg, self.ref = policy_chunks, optimizer, pg, cfg, ref_chunks
+
+    def _update(self, microbatches: list[dict]) -> tuple[torch.Tensor, bool, float]:
+        from megatron_xomni.training.optim import zero_grads
+
+        chunks = self.policy
+        fb = get_forward_backward_func(pp_size=self.pg.pp.size(), vp_size=len(chunks) if len(chunks) > 1 else None)
+        scale = float(len(microbatches) * self.pg.dp_cp.size())
+        for m in chunks:
+            m.train()
+        zero_grads(chunks, self.optimizer)
+        store = fb(
+            forward_step_func=partial(_forward_step, self.cfg, self.pg, scale),
+            data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            forward_only=False,
+        )
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=_device(chunks))
+        for item in store or []:
+            stats += item["grpo"].double()
+        torch.distributed.all_reduce(stats, group=self.pg.pp)  # only the last stage has values
+        torch.distributed.all_reduce(stats, group=self.pg.dp_cp)
+        stats = stats.cpu()
+        ok, grad_norm, _ = self.optimizer.step()
+        return stats, bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def __call__(self, rollouts: Sequence[Rollout], rewards) -> dict:
+        cfg, pg = self.cfg, self.pg
+        times = {}
+        t0 = time.perf_counter()
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).flatten()
+        if rewards.numel() != len(rollouts):
+            raise ValueError(f"{len(rollouts)} rollouts but {rewards.numel()} rewards")
+        # Minibatch u holds the groups with prompt_id % num_minibatches == u: the same global
+        # minibatches whatever the data-parallel split, and groups are never cut.
+        parts = [[i for i, r in enumerate(rollouts) if r.prompt_id % cfg.num_minibatches == u]
+                 for u in range(cfg.num_minibatches)]
+        for u, rows in enumerate(parts):
+            if not rows or len(rows) % cfg.micro_batch_size:
+                raise ValueError(
+                    f"minibatch {u} (prompt_id % {cfg.num_minibatches} == {u}) has {len(rows)} local rollouts, "
+                    f"not a positive multiple of micro_batch_size={cfg.micro_batch_size}: give every replica "
+                    f"prompts of every residue class and a micro_batch_size dividing each part"
+                )
+        adv = group_advantages(rewards, [r.prompt_id for r in rollouts], cfg.adv_eps, cfg.scale_adv_by_std)
+        batch = pack_rollouts(rollouts, cfg.pad_id)
+        batch["advantages"] = adv
+        times["prepare"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if cfg.kl_beta > 0:
+            mbs = split_microbatches(batch, cfg.micro_batch_size)
+            batch["ref_logprobs"] = compute_logprobs(self.ref, pg, mbs).cpu()
+        times["reference"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        device = _device(self.policy)
+        updates = []
+        for _ in range(cfg.ppo_epochs):
+            for rows in parts:
+                part = _to({k: v[rows] for k, v in batch.items()}, device)
+                part["loss_weight"] = loss_weights(part["action_mask"], cfg.loss_aggregation, pg.dp_cp)
+                mbs = split_microbatches(part, cfg.micro_batch_size)
+                updates.append(self._update(mbs))
+        times["update"] = time.perf_counter() - t0
+
+        total = torch.stack([s for s, _, _ in updates]).sum(0)
+        tokens = total[_STATS.index("tokens")].clamp(min=1)
+        first = updates[0][0]
+        lengths = torch.tensor([float(r.num_sampled) for r in rollouts])
+        return {
+            "loss": (total[0] / len(updates)).item(),
+            "pg_loss": (total[1] / len(updates)).item(),
+            "kl": (total[2] / tokens).item(),
+            "clip_fraction": (total[3] / tokens).item(),
+            "entropy": (total[4] / tokens).item(),
+            "ratio_mean": (total[5] / tokens).item(),
+            "first_update_ratio_mean": (first[5] / first[6].clamp(min=1)).item(),
+            "grad_norms": [g for _, _, g in updates],
+            "updates_ok": all(ok for _, ok, _ in updates),
+            "num_updates": len(updates),
+            "reward_mean": rewards.mean().item(),
+            "advantage_abs_mean": adv.abs().mean().item(),
+            "response_length": lengths.mean().item(),
+            "time": times,
+        }
