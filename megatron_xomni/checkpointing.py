@@ -130,15 +130,18 @@ def resolve_checkpoint(root, iteration: Optional[int] = None) -> Path:
     return path
 
 
-def load_checkpoint(ckpt_dir, sharded_state_dict: dict, strict: bool = True) -> dict:
-    """Collective load of a dist-ckpt folder into the given sharded state dict's layout."""
+def load_checkpoint(ckpt_dir, sharded_state_dict: dict, partial: bool = False) -> dict:
+    """Collective load of a dist-ckpt folder into the given sharded state dict's layout.
+
+    Every requested tensor must exist in the checkpoint. `partial=True` allows the checkpoint
+    to hold more than requested (e.g. loading only the model from a training checkpoint)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     return dist_checkpointing.load(
         sharded_state_dict,
         str(ckpt_dir),
-        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
+        strict=StrictHandling.RAISE_UNEXPECTED if partial else StrictHandling.RAISE_ALL,
     )
 
 

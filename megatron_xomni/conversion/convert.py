@@ -157,7 +157,7 @@ def load_megatron(ckpt_root, iteration: Optional[int] = None) -> tuple[dict, XOm
         raise ConversionError(f"{path} has no model_config.json: not a megatron-xomni checkpoint")
     mcfg = XOmniModelConfig.from_dict(meta)
     model = _single_rank_model(mcfg)
-    loaded = load_checkpoint(path, {"model": model.sharded_state_dict()}, strict=False)
+    loaded = load_checkpoint(path, {"model": model.sharded_state_dict()}, partial=True)
     model.load_state_dict(loaded["model"], strict=False)
     return _plain_state(model), mcfg
 

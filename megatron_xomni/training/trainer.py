@@ -109,7 +109,8 @@ class BatchSource:
         micro = []
         for m in range(self.nmb):
             items = [self.ds[(start + m * self.mbs + j) % len(self.ds)] for j in range(self.mbs)]
-            micro.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
+            # BlendedDataset adds a numpy "dataset_id"; only the tensors form the batch.
+            micro.append({k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])})
         for mb in micro:
             if "attention_mask" in mb:  # [b, 1, s, s] True = masked, as megatron-core expects
                 mb["attention_mask"] = mb["attention_mask"].bool()
@@ -260,7 +261,7 @@ class Trainer:
                     f"init_from {path} holds a different model config than the recipe: "
                     "set model.* overrides to match the checkpoint"
                 )
-            load_model_state(self.chunks, load_checkpoint(path, model_sharded_state_dict(self.chunks)))
+            load_model_state(self.chunks, load_checkpoint(path, model_sharded_state_dict(self.chunks), partial=True))
             log0(f"[xomni] initialised model from {path}")
 
     # ---- loop ------------------------------------------------------------------------------
