@@ -26,6 +26,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_recipe(argv[0], argv[1:])
+        from megatron_xomni.rl.trainer import GRPORunConfig, train_grpo
+
+        if isinstance(cfg, GRPORunConfig):  # RL recipes run the GRPO loop
+            return train_grpo(cfg)
         return train(cfg)
     except (ValueError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

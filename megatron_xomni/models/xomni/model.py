@@ -172,11 +172,12 @@ class XOmniModel(GPTModel):
         v = self.model_cfg.text_vocab_size
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
         is_image = labels >= v
+        # contiguous(): callers may pass [s, b, V] views of [b, s, V] logits (a no-op otherwise).
         text_loss = tensor_parallel.vocab_parallel_cross_entropy(
-            text_logits.float(), torch.where(is_image, 0, labels)
+            text_logits.float().contiguous(), torch.where(is_image, 0, labels)
         )
         image_loss = tensor_parallel.vocab_parallel_cross_entropy(
-            image_logits.float(), torch.where(is_image, labels - v, 0)
+            image_logits.float().contiguous(), torch.where(is_image, labels - v, 0)
         )
         return torch.where(is_image, image_loss, text_loss).transpose(0, 1).contiguous()
 

@@ -1,0 +1,320 @@
+"""The GRPO run: rollouts in the training layout -> frozen decoder -> rewards -> GRPO update.
+
+Each step: this data-parallel replica takes its share of the step's prompts (built-in world
+training prompts, addressed by index so the prompt position resumes exactly), samples G image
+token sequences per prompt with the policy in its training TP/PP layout (KV cache), renders them
+with the frozen tokenizer + diffusion decoder, scores them with the reward ensemble and applies
+the GRPO objective (clipped ratios, k3 KL to a frozen reference held in the same layout).
+Checkpoints hold policy, optimizer, step and RNG; the reference is re-read from `init_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_xomni.models.xomni.config import XOmniModelConfig
+from megatron_xomni.parallel.layout import ParallelConfig
+from megatron_xomni.rl.grpo import GRPOConfig
+from megatron_xomni.rl.sampling import SamplingConfig
+from megatron_xomni.training.optim import OptimConfig
+
+
+@dataclass
+class GRPORunConfig:
+    """An RL run (X-Omni section 5)."""
+
+    name: str = "grpo"
+    model: XOmniModelConfig = field(default_factory=XOmniModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0, clip_grad=1.0))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(kl_beta=0.01, loss_aggregation="sequence"))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, min_p=0.03))
+    group_size: int = 16
+    """G: samples per prompt."""
+    prompts_per_step: int = 32
+    """Prompts per step over all replicas (X-Omni's "batch 512" read as 32 prompts x G=16)."""
+    steps: int = 200
+    """GRPO steps."""
+    image_height: int = 384
+    """Pixels (multiple of 16)."""
+    image_width: int = 384
+    init_from: str = "runs/sft"
+    """Policy initialisation and frozen reference (an SFT checkpoint root)."""
+    text_tokenizer: str = "tokenizers/text"
+    image_tokenizer: str = "tokenizers/image"
+    decoder: str = "decoders/xomni"
+    decoder_steps: int = 28
+    """Euler steps of the frozen decoder."""
+    rewards: dict = field(default_factory=lambda: {"world_alignment": 1.0, "ocr_text": 1.0})
+    """Reward ensemble weights (name -> weight)."""
+    prompt_seed: int = 777
+    """Seed of the training prompt stream (disjoint from evaluation's held-out stream)."""
+    prompt_skills: list = field(default_factory=list)
+    """Skills to draw prompts from (empty: all)."""
+    seed: int = 1234
+    save_dir: str = "runs/grpo"
+    save_interval: int = 20
+    keep_last: Optional[int] = 2
+    log_interval: int = 1
+    log_images: int = 8
+    """Sample images written to TensorBoard per log step (rank 0)."""
+
+    def validate(self, world_size: int) -> None:
+        for name, v in (("image_height", self.image_height), ("image_width", self.image_width)):
+            if v % 16:
+                raise ValueError(f"{name}={v} is not a multiple of 16 (one image token = 16 px): use {v // 16 * 16 or 16}")
+        dp = self.parallel.data_parallel(world_size)
+        if self.prompts_per_step % dp:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} is not divisible by DP={dp}: change it")
+        self.parallel.validate(world_size, num_attention_heads=self.model.num_attention_heads,
+                               num_query_groups=self.model.num_query_groups,
+                               num_layers_total=self.model.num_layers_total)
+        if self.parallel.sequence_parallel:
+            raise ValueError("rollouts decode one token at a time: set parallel.sequence_parallel=False for GRPO")
+        if not Path(self.init_from).exists():
+            raise ValueError(f"init_from={self.init_from} does not exist: train SFT first or fix the path")
+        for name in ("text_tokenizer", "image_tokenizer", "decoder"):
+            if not Path(getattr(self, name)).exists():
+                raise ValueError(f"{name}={getattr(self, name)} does not exist")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def world_prompt(index: int, cfg: GRPORunConfig):
+    from megatron_xomni.world import SKILLS, sample_world
+
+    skills = cfg.prompt_skills or list(SKILLS)
+    return sample_world(index, seed=cfg.prompt_seed, height=cfg.image_height, width=cfg.image_width,
+                        skill=skills[index % len(skills)])
+
+
+class Renderer:
+    """Frozen image tokenizer + diffusion decoder: codes [B, h, w] -> PIL images."""
+
+    def __init__(self, image_tokenizer: str, decoder: str, steps: int):
+        from megatron_xomni.decoder import XOmniDecoder
+        from megatron_xomni.tokenize import load_image_tokenizer
+
+        self.tokenizer = load_image_tokenizer(image_tokenizer)
+        self.decoder = XOmniDecoder.from_pretrained(decoder).eval().requires_grad_(False)
+        self.steps = steps
+
+    @torch.no_grad()
+    def __call__(self, codes: torch.Tensor, seeds: list[int], prompts: list[str]) -> list:
+        from PIL import Image
+
+        from megatron_xomni.decoder.sampling import sample_from_codes
+
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        kwargs = {"prompts": prompts} if getattr(self.decoder.cfg, "variant", "image") == "text" else {}
+        pixels = sample_from_codes(self.decoder, self.tokenizer, codes, num_inference_steps=self.steps,
+                                   generator=gens, **kwargs)
+        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPORunConfig):
+        self.cfg = cfg
+        self.step = 0
+
+    def setup(self) -> None:
+        import os
+
+        from megatron_xomni.checkpointing import load_checkpoint, resolve_checkpoint
+        from megatron_xomni.models.xomni.builder import build_model_chunks
+        from megatron_xomni.parallel import initialize_parallel
+        from megatron_xomni.rewards import RewardEnsemble
+        from megatron_xomni.rl.grpo import GRPOStep
+        from megatron_xomni.text import XOmniTextTokenizer
+        from megatron_xomni.training.metrics import MetricsLogger
+        from megatron_xomni.training.optim import wrap_and_build_optimizer
+        from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world)
+        self.pg = initialize_parallel(cfg.parallel, cfg.seed)
+        self.text_tok = XOmniTextTokenizer.load(cfg.text_tokenizer)
+        self.text_tok.check_text_vocab(cfg.model.text_vocab_size)
+        init = resolve_checkpoint(cfg.init_from)
+        self.chunks = build_model_chunks(cfg.model, cfg.parallel, self.pg)
+        load_model_state(self.chunks, load_checkpoint(init, model_sharded_state_dict(self.chunks), partial=True))
+        self.ref = None
+        if cfg.grpo.kl_beta > 0:
+            self.ref = build_model_chunks(cfg.model, cfg.parallel, self.pg)
+            load_model_state(self.ref, load_checkpoint(init, model_sharded_state_dict(self.ref), partial=True))
+            for m in self.ref:
+                m.eval().requires_grad_(False)
+        self.wrapped, self.optimizer = wrap_and_build_optimizer(self.chunks, cfg.optim, self.pg)
+        self.grpo = GRPOStep(self.wrapped, self.optimizer, self.pg, cfg.grpo, self.ref)
+        self.renderer = Renderer(cfg.image_tokenizer, cfg.decoder, cfg.decoder_steps)
+        self.rewards = RewardEnsemble(dict(cfg.rewards))
+        self.reference_identity = str(init)
+        self._maybe_resume()
+        rank0 = torch.distributed.get_rank() == 0
+        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"), rank0)
+        if rank0:
+            Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.save_dir) / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _sharded(self, is_loading=False) -> dict:
+        from megatron_xomni.training.step import model_sharded_state_dict
+
+        model = model_sharded_state_dict(self.chunks)
+        flat = {}
+        for v in model.values():
+            flat.update(v)
+        return {**model, "optimizer": self.optimizer.sharded_state_dict(flat, is_loading=is_loading)}
+
+    def save(self) -> None:
+        from megatron_xomni.checkpointing import save_checkpoint
+
+        meta = {"model_config": self.cfg.model.to_dict(), "run_config": self.cfg.to_dict(),
+                "trainer_state": {"step": self.step, "reference": self.reference_identity}}
+        save_checkpoint(self.cfg.save_dir, self.step, self._sharded(), meta, keep_last=self.cfg.keep_last,
+                        per_rank={"torch_rng": torch.get_rng_state()})
+
+    def _maybe_resume(self) -> None:
+        from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
+                                                  read_metadata, resolve_checkpoint)
+        from megatron_xomni.training.step import load_model_state
+
+        if latest_iteration(self.cfg.save_dir) is None:
+            return
+        path = resolve_checkpoint(self.cfg.save_dir)
+        state = read_metadata(path, "trainer_state")
+        if state["reference"] != self.reference_identity:
+            raise ValueError(f"{path} was trained against reference {state['reference']}, not {self.reference_identity}")
+        loaded = load_checkpoint(path, self._sharded(is_loading=True))
+        load_model_state(self.chunks, loaded)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.step = state["step"]
+        rs = load_rank_state(path)
+        if rs is not None:
+            torch.set_rng_state(rs["torch_rng"])
+        if torch.distributed.get_rank() == 0:
+            print(f"[grpo] resumed from {path} at step {self.step}", flush=True)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def prompts_for_step(self, step: int):
+        """(global prompt ids, samples) of this replica for `step` (contiguous block per replica)."""
+        cfg = self.cfg
+        dp, rank = self.pg.dp.size(), self.pg.dp.rank()
+        per = cfg.prompts_per_step // dp
+        ids = [step * cfg.prompts_per_step + rank * per + i for i in range(per)]
+        return ids, [world_prompt(i, cfg) for i in ids]
+
+    def rollout(self, step: int):
+        from megatron_xomni.rl import RolloutConfig, generate_images
+        from megatron_xomni.tokenize.format import SequenceFormat, image_block_ids
+
+        cfg = self.cfg
+        h, w = cfg.image_height // 16, cfg.image_width // 16
+        ids, samples = self.prompts_for_step(step)
+        fmt = SequenceFormat(cfg.model.text_vocab_size, cfg.model.image_vocab_size)
+        header, _, eom = image_block_ids(self.text_tok, fmt, torch.zeros(h, w, dtype=torch.long).numpy())
+        prompts = [self.text_tok.encode(s.caption) + header for s in samples]
+        local_ids = [i - step * cfg.prompts_per_step for i in ids]  # ids within the step, global over DP
+        rcfg = RolloutConfig(sampling=cfg.sampling, samples_per_prompt=cfg.group_size, seed=cfg.seed * 100_003 + step)
+        rollouts = generate_images(self.chunks, self.pg, prompts, (h, w), eom, rcfg, prompt_ids=local_ids)
+        return rollouts, samples, (h, w)
+
+    def run_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollouts, samples, (h, w) = self.rollout(self.step)
+        t_rollout = time.perf_counter() - t0
+        by_prompt = {r.prompt_id: s for r, s in zip(rollouts[:: cfg.group_size], samples)}
+        first = min(by_prompt)
+        t0 = time.perf_counter()
+        codes = torch.stack([r.codes.view(h, w) for r in rollouts])
+        metas = [samples[r.prompt_id - first].meta for r in rollouts]
+        captions = [samples[r.prompt_id - first].caption for r in rollouts]
+        images = self.renderer(codes, [cfg.seed * 7919 + self.step * 100_000 + r.sample_id for r in rollouts], captions)
+        t_decode = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = self.rewards(captions, images, metas)
+        rewards = [0.0 if v is None else float(v) for v in result.total]
+        t_reward = time.perf_counter() - t0
+        for m in self.wrapped:
+            m.train()
+        stats = self.grpo(rollouts, rewards)
+        self.step += 1
+        rew = torch.tensor(rewards)
+        # rewards are per replica: gather global statistics over DP
+        summed = torch.tensor([rew.sum().item(), float(len(rew)), rew.max().item(), -rew.min().item()])
+        torch.distributed.all_reduce(summed[:2], group=self.pg.dp)
+        mx = summed[2:].clone()
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=self.pg.dp)
+        comps = {}
+        for name, vals in result.components.items():
+            v = [x for x in vals if x is not None]
+            comps[f"reward/{name}"] = sum(v) / len(v) if v else float("nan")
+        n_tokens = sum(r.num_sampled for r in rollouts)
+        times = stats.get("time", {})
+        out = {
+            "reward/mean": (summed[0] / summed[1]).item(), "reward/max": mx[0].item(), "reward/min": -mx[1].item(),
+            **comps, "reward/failures": float(sum(len(v) for v in result.failures.values())),
+            "grpo/loss": stats["loss"], "grpo/kl": stats["kl"], "grpo/clip_fraction": stats["clip_fraction"],
+            "grpo/entropy": stats["entropy"], "grpo/response_length": stats["response_length"],
+            "time/rollout": t_rollout, "time/decode": t_decode, "time/reward": t_reward,
+            "time/logprob": times.get("reference", 0.0) + times.get("prepare", 0.0), "time/update": times.get("update", 0.0),
+            "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
+        }
+        self._images = images[: cfg.log_images]
+        return out
+
+    def run(self) -> int:
+        from megatron_xomni.training.trainer import EXIT_REQUEUE, PreemptionSignal
+
+        cfg = self.cfg
+        preempt = PreemptionSignal()
+        while self.step < cfg.steps:
+            out = self.run_step()
+            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                line = (f"[grpo] step {self.step}/{cfg.steps} | reward {out['reward/mean']:.3f} "
+                        f"(min {out['reward/min']:.2f}, max {out['reward/max']:.2f}) | kl {out['grpo/kl']:.4f} | "
+                        f"clip {out['grpo/clip_fraction']:.3f} | entropy {out['grpo/entropy']:.3f} | "
+                        f"rollout {out['time/rollout']:.1f}s decode {out['time/decode']:.1f}s reward {out['time/reward']:.1f}s "
+                        f"update {out['time/update']:.1f}s | {out['perf/rollout_tokens_per_s']:.0f} rollout tok/s")
+                self.logger.log(self.step, out, line)
+                if self.logger.writer is not None and self._images:
+                    import numpy as np
+
+                    grid = np.concatenate([np.asarray(im) for im in self._images], axis=1)
+                    self.logger.writer.add_image("samples", grid, self.step, dataformats="HWC")
+            preempted = preempt.agreed()
+            if preempted or self.step % cfg.save_interval == 0 or self.step == cfg.steps:
+                self.save()
+            if preempted:
+                if torch.distributed.get_rank() == 0:
+                    print(f"[grpo] preemption signal: saved at step {self.step}, exiting for requeue", flush=True)
+                return EXIT_REQUEUE
+        return 0
+
+    def close(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+
+def train_grpo(cfg: GRPORunConfig) -> int:
+    from megatron_xomni.parallel import destroy_parallel
+
+    trainer = GRPOTrainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+        destroy_parallel()
