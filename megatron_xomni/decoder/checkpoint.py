@@ -94,7 +94,7 @@ def load_checkpoint(path: Path, transformer, optimizer, expected_variant: str) -
     set_optimizer_state_dict(transformer, optimizer, torch.load(path / "optimizer.pt", weights_only=True), options=opts)
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))  # python's RNG state is a plain tuple
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return int(meta["step"])
 
 

@@ -161,9 +161,9 @@ def decoder_config(
             joint_attention_dim=32,
             pooled_projection_dim=32,
             guidance_embeds=False,
-            vae_block_out_channels=(16, 32, 32, 32),
+            vae_block_out_channels=(8, 16, 32, 32),
             vae_layers_per_block=1,
-            vae_norm_num_groups=8,
+            vae_norm_num_groups=4,
             vae_mid_attention=False,
             # A freshly fitted tiny VAE is not calibrated like FLUX's; identity scaling keeps it honest.
             scaling_factor=1.0,

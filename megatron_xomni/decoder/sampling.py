@@ -48,7 +48,7 @@ def _generators(generator, batch: int) -> list[torch.Generator]:
     if isinstance(generator, torch.Generator):
         raise ValueError("pass one generator (or int seed) per sample, not a single torch.Generator")
     if len(generator) != batch:
-        raise ValueError(f"got {len(generator)} seeds/generators for a batch of {batch}")
+        raise ValueError(f"got {len(generator)} seeds/generators for a batch of {batch}; pass one per sample")
     return [g if isinstance(g, torch.Generator) else torch.Generator("cpu").manual_seed(int(g)) for g in generator]
 
 

@@ -315,21 +315,30 @@ def fit_vae(decoder: XOmniDecoder, pixel_batches: Iterable[torch.Tensor], steps:
             kl_weight: float = 1e-6) -> list[float]:
     """Fit the decoder's VAE by reconstruction (tiny preset only; FLUX's VAE is used as released).
 
-    Then it is frozen again. Plain MSE + a tiny KL keeps the latent near-Gaussian in scale.
+    Trained as the decoder uses it: through the posterior mean (encode_pixels never samples), with a
+    tiny KL term that only keeps the latent scale bounded. Afterwards the latent shift/scale are
+    calibrated to zero mean, unit variance on the last batch (FLUX's 0.1159/0.3611 play that role for
+    its VAE), so flow matching starts from noise of the data's scale. Then the VAE is frozen again.
     """
     vae = decoder.vae
     vae.requires_grad_(True).train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     losses = []
+    x = None
     for _, x in zip(range(steps), pixel_batches):
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(post.mode()).sample
         loss = F.mse_loss(rec, x) + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     vae.requires_grad_(False).eval()
+    if x is not None:
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        decoder.cfg.shift_factor = float(z.mean())
+        decoder.cfg.scaling_factor = float(1.0 / z.std().clamp_min(1e-6))
     return losses
 
 
