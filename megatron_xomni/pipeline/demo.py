@@ -50,15 +50,15 @@ class DemoConfig:
     """Samples per prompt (G)."""
     eval_per_skill: int = 8
     """Held-out prompts per skill in each evaluation."""
-    eval_images: int = 2
-    """Images per evaluation prompt."""
+    eval_samples: int = 16
+    """Images per evaluation prompt (best-of-N uses all of them)."""
     ranks: int = 2
     """Data-parallel CPU ranks of the AR training stages."""
 
     @classmethod
     def smoke(cls, out: str) -> "DemoConfig":
         return cls(out=out, corpus_samples=600, tokenizer_steps=20, pt_iters=20, sft_iters=10, decoder_steps=20,
-                   grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_images=1)
+                   grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2)
 
 
 class Stage:

@@ -96,3 +96,132 @@ def _metrics_summary(save_dir: Path) -> dict:
     recs = [json.loads(l) for l in path.read_text().splitlines() if l]
     return {"first_loss": recs[0]["train_loss"], "last_loss": recs[-1]["train_loss"],
             "tokens_per_s": recs[-1].get("throughput_tokens_per_s")}
+
+
+def _artifacts(ctx: DemoContext) -> list[str]:
+    return ["--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"),
+            "--image-tokenizer", image_tokenizer_path(ctx), "--decoder", decoder_path(ctx)]
+
+
+def decoder_path(ctx: DemoContext) -> str:
+    return str(ctx.out / "decoder" / "export")
+
+
+def _evaluate(ctx: DemoContext, ckpt: Path, name: str) -> dict:
+    cfg = ctx.cfg
+    out = ctx.dir(name)
+    ctx.run([sys.executable, "-m", "megatron_xomni.pipeline.evaluate_policy", "--ckpt", str(ckpt), *_artifacts(ctx),
+             "--out", str(out), "--per-skill", str(cfg.eval_per_skill), "--samples", str(cfg.eval_samples),
+             "--size", str(cfg.image_size), "--decoder-steps", str(cfg.decoder_sample_steps), "--seed", str(cfg.seed + 2024)],
+            name)
+    return json.loads((out / "eval.json").read_text())
+
+
+def eval_sft(ctx: DemoContext) -> dict:
+    return _evaluate(ctx, ctx.out / "sft" / "ckpt", "eval_sft")
+
+
+def grpo(ctx: DemoContext) -> dict:
+    cfg = ctx.cfg
+    save = ctx.dir("grpo") / "ckpt"
+    ctx.torchrun("tiny_grpo", [
+        f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={ctx.out / 'text_tokenizer' / 'tokenizer'}",
+        f"image_tokenizer={image_tokenizer_path(ctx)}", f"decoder={decoder_path(ctx)}", f"save_dir={save}",
+        f"steps={cfg.grpo_steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
+        f"decoder_steps={cfg.decoder_sample_steps}", f"image_height={cfg.image_size}", f"image_width={cfg.image_size}",
+        f"seed={cfg.seed}", f"save_interval={max(cfg.grpo_steps // 4, 1)}",
+    ], "grpo")
+    recs = [json.loads(l) for l in (save / "metrics.jsonl").read_text().splitlines() if l]
+    return {"checkpoint": str(save), "first_reward": recs[0]["reward_mean"], "last_reward": recs[-1]["reward_mean"]}
+
+
+def eval_grpo(ctx: DemoContext) -> dict:
+    return _evaluate(ctx, ctx.out / "grpo" / "ckpt", "eval_grpo")
+
+
+def _curve(ax, path: Path, key: str, label: str) -> None:
+    if path.exists():
+        recs = [json.loads(l) for l in path.read_text().splitlines() if l]
+        pts = {r["iteration"]: r[key] for r in recs if key in r}
+        ax.plot(list(pts), list(pts.values()), label=label)
+
+
+def report(ctx: DemoContext) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_xomni.evaluation.world_bench import markdown_table
+
+    out = ctx.out
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    _curve(axes[0], out / "pretrain" / "ckpt" / "metrics.jsonl", "train_loss", "pre-train")
+    _curve(axes[0], out / "sft" / "ckpt" / "metrics.jsonl", "train_loss", "SFT")
+    axes[0].set(title="AR model loss", xlabel="step", ylabel="loss")
+    axes[0].legend()
+    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_mean", "mean reward")
+    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_max", "max reward")
+    axes[1].set(title="GRPO reward", xlabel="step", ylabel="reward")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    sft, rl = json.loads((out / "eval_sft" / "eval.json").read_text()), json.loads((out / "eval_grpo" / "eval.json").read_text())
+    beats = rl["mean_reward"] > sft["best_of_n_reward"]
+    n = sft["samples_per_prompt"]
+    timings = "\n".join(f"| {k} | {v:.0f} |" for k, v in ctx.timings.items())
+    text = f"""# megatron-xomni tiny pipeline report
+
+Built-in world, {ctx.cfg.image_size} px images ({ctx.cfg.image_size // 16}x{ctx.cfg.image_size // 16} image tokens), all on CPU.
+Seeds: data {ctx.cfg.seed}, evaluation sampling {sft['seed']} (the same prompts and seeds for both policies).
+Evaluation: {sft['num_prompts']} held-out prompts x {n} samples each (T=1.0, min-p 0.03), scored by the world detector.
+
+## Reward: GRPO vs SFT (the paper's claim: RL beats SFT best-of-N)
+
+| policy | mean single-sample reward | best-of-{n} reward |
+|---|---|---|
+| SFT | {sft['mean_reward']:.3f} | {sft['best_of_n_reward']:.3f} |
+| GRPO | {rl['mean_reward']:.3f} | {rl['best_of_n_reward']:.3f} |
+
+GRPO's mean single-sample reward {'**beats**' if beats else '**does not beat**'} SFT best-of-{n}
+({rl['mean_reward']:.3f} vs {sft['best_of_n_reward']:.3f}).
+
+## Accuracy per skill (GenEval-style: all checks of a prompt must pass)
+
+{markdown_table({'SFT': {'per_skill': sft['per_skill'], 'overall': sft['accuracy']}, 'GRPO': {'per_skill': rl['per_skill'], 'overall': rl['accuracy']}})}
+
+## Curves
+
+![curves](curves.png)
+
+## Samples (first column: a ground-truth world image for the prompt; then policy samples)
+
+| SFT | GRPO |
+|---|---|
+| ![sft](eval_sft/samples.png) | ![grpo](eval_grpo/samples.png) |
+
+## Wall time per stage (seconds, this machine)
+
+| stage | seconds |
+|---|---|
+{timings}
+"""
+    (out / "report.md").write_text(text)
+    return {"grpo_beats_sft_best_of_n": beats, "sft": sft["mean_reward"], "sft_best_of_n": sft["best_of_n_reward"],
+            "grpo": rl["mean_reward"]}
+
+
+def decoder(ctx: DemoContext) -> dict:
+    cfg = ctx.cfg
+    d = ctx.dir("decoder")
+    ctx.run([sys.executable, "-m", "megatron_xomni.decoder.train", "--steps", str(cfg.decoder_steps),
+             "--image-size", str(cfg.image_size), "--out-dir", str(d), "--tokenizer", image_tokenizer_path(ctx),
+             "--seed", str(cfg.seed), "--variant", "image", "--sample-steps", str(cfg.decoder_sample_steps),
+             "--ckpt-every", str(max(cfg.decoder_steps // 4, 1))], "decoder")
+    return {"export": decoder_path(ctx)}
+
+
+ALL = ["corpus", "text_tokenizer", "image_tokenizer", "tokenize", "pretrain", "sft", "decoder",
+       "eval_sft", "grpo", "eval_grpo", "report"]
