@@ -128,6 +128,7 @@ def grpo(ctx: DemoContext) -> dict:
         f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={ctx.out / 'text_tokenizer' / 'tokenizer'}",
         f"image_tokenizer={image_tokenizer_path(ctx)}", f"decoder={decoder_path(ctx)}", f"save_dir={save}",
         f"steps={cfg.grpo_steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
+        f"grpo.micro_batch_size={cfg.grpo_group}",
         f"decoder_steps={cfg.decoder_sample_steps}", f"image_height={cfg.image_size}", f"image_width={cfg.image_size}",
         f"seed={cfg.seed}", f"save_interval={max(cfg.grpo_steps // 4, 1)}",
     ], "grpo")

@@ -74,6 +74,10 @@ class GRPORunConfig:
         dp = self.parallel.data_parallel(world_size)
         if self.prompts_per_step % dp:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} is not divisible by DP={dp}: change it")
+        local = self.prompts_per_step // dp * self.group_size // self.grpo.num_minibatches
+        if local % self.grpo.micro_batch_size:
+            raise ValueError(f"{local} rollouts per replica and minibatch are not a multiple of "
+                             f"grpo.micro_batch_size={self.grpo.micro_batch_size}: set it to a divisor (e.g. group_size)")
         self.parallel.validate(world_size, num_attention_heads=self.model.num_attention_heads,
                                num_query_groups=self.model.num_query_groups,
                                num_layers_total=self.model.num_layers_total)
