@@ -37,7 +37,9 @@ def image_tokenizer(ctx: DemoContext) -> dict:
     cfg = ctx.cfg
     ctx.run([sys.executable, "tools/train_tokenizer.py", "--corpus", str(ctx.out / "corpus" / "train"),
              "--out", str(d / "run"), "--steps", str(cfg.tokenizer_steps),
-             "--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"), "--seed", str(cfg.seed)],
+             "--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"), "--seed", str(cfg.seed),
+             # A frozen random LLM is a weak teacher: warm it up on world captions first.
+             "--llm-warmup-steps", str(max(cfg.tokenizer_steps // 2, 1)), "--eval-world", "32"],
             "image_tokenizer")
     summary = d / "run" / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else {"path": str(d / "run")}
@@ -57,6 +59,7 @@ def tokenize(ctx: DemoContext) -> dict:
         text_tokenizer=str(ctx.out / "text_tokenizer" / "tokenizer"),
         image_tokenizer=image_tokenizer_path(ctx), mode="both", workers=1,
         resume=True, text_vocab_size=TEXT_VOCAB,  # continues an interrupted run; fresh otherwise
+        preprocess="tiny",  # 64 px images: the tiny size rules (X-Omni's would reject them as too small)
     ))
     return {"prefix": str(prefix), "summary": summary}
 
