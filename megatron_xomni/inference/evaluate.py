@@ -1,0 +1,143 @@
+"""Generate images for a benchmark's prompts and write them the way its scorer expects.
+
+- world:    the built-in world benchmark (megatron_xomni.evaluation.world_bench), scored here:
+            `<out>/world.json` + `<out>/world.md`, images in `<out>/images/{i:04d}_{j}.png`.
+- geneval:  GenEval's layout for its external scorer: `<out>/<00000>/metadata.jsonl` (the prompt's
+            metadata line) + `<out>/<00000>/samples/<j:05d>.png`.
+- dpg:      DPG-Bench's layout: `<out>/<item_id>.png`, the images of one prompt tiled in a grid
+            (2x2 for 4 images; pass the same count as `--pic-num` to its compute script).
+- longtext: LongText-Bench's layout `<out>/images[/<lang>]/<prompt_id>_<j>.png`, scored here with the
+            LongText metric (rapidocr): `<out>/longtext.json` + `<out>/longtext.md`.
+
+Image j of prompt i uses seed `seed + i * images_per_prompt + j`, so any single image can be
+regenerated with `xomni generate --seed ...`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from PIL import Image
+
+BENCHMARKS = ("world", "geneval", "dpg", "longtext")
+DEFAULT_IMAGES = {"world": 2, "geneval": 4, "dpg": 4, "longtext": 4}
+
+
+@dataclass
+class EvalJob:
+    """What to generate for one benchmark run."""
+
+    benchmark: str
+    """One of BENCHMARKS."""
+    prompts: list
+    """WorldSample list (world) or BenchmarkPrompt list (published benchmarks)."""
+    images_per_prompt: int
+    """Images generated per prompt."""
+    height: int
+    """Image height in pixels."""
+    width: int
+    """Image width in pixels."""
+    seed: int = 0
+    """Base seed (see the module docstring)."""
+
+
+def load_prompts(benchmark: str, path: Optional[str], per_skill: int, height: int, width: int,
+                 limit: Optional[int] = None) -> list:
+    """The benchmark's prompts (ValueError / FileNotFoundError with one line when they cannot be read)."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}: choose one of {', '.join(BENCHMARKS)}")
+    if benchmark == "world":
+        from megatron_xomni.evaluation.world_bench import world_benchmark_prompts
+
+        if per_skill < 1:
+            raise ValueError(f"--per-skill={per_skill} must be >= 1")
+        prompts = world_benchmark_prompts(n_per_skill=per_skill, height=height, width=width)
+    else:
+        from megatron_xomni.evaluation.benchmarks import load_benchmark
+
+        if not path:
+            raise ValueError(f"--benchmark {benchmark} needs --prompts PATH (the published prompt file or folder)")
+        name = {"dpg": "dpg_bench", "longtext": "longtext_bench"}.get(benchmark, benchmark)
+        prompts = load_benchmark(name, path)
+    if limit is not None:
+        prompts = prompts[: max(0, int(limit))]
+    if not prompts:
+        raise ValueError(f"no {benchmark} prompts to evaluate")
+    return prompts
+
+
+def prompt_text(benchmark: str, p) -> str:
+    return p.caption if benchmark == "world" else p.prompt
+
+
+def grid_image(images: list[Image.Image]) -> Image.Image:
+    """Tile images row-major into a near-square grid (2x2 for 4)."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h))
+    for n, im in enumerate(images):
+        canvas.paste(im, ((n % cols) * w, (n // cols) * h))
+    return canvas
+
+
+def _save(img: Image.Image, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return str(path)
+
+
+def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
+                  ocr: Optional[Callable] = None) -> dict:
+    """Write images (and, for world/longtext, the scores) for `images[i]` = the images of prompt i."""
+    out.mkdir(parents=True, exist_ok=True)
+    b = job.benchmark
+    summary: dict = {"benchmark": b, "num_prompts": len(job.prompts), "images_per_prompt": job.images_per_prompt,
+                     "height": job.height, "width": job.width, "seed": job.seed}
+    if b == "world":
+        from megatron_xomni.evaluation.world_bench import score_world_benchmark, write_report
+
+        for i, imgs in enumerate(images):
+            for j, im in enumerate(imgs):
+                _save(im, out / "images" / f"{i:04d}_{j}.png")
+        report = score_world_benchmark(job.prompts, images, ocr=ocr)
+        j_path, m_path = write_report(report, out, name="world")
+        summary.update(overall=report["overall"], per_skill=report["per_skill"], report=str(j_path),
+                       table=str(m_path))
+    elif b == "geneval":
+        for p, imgs in zip(job.prompts, images):
+            folder = out / p.id
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps({**p.meta, "prompt": p.prompt}) + "\n")
+            for j, im in enumerate(imgs):
+                _save(im, folder / "samples" / f"{j:05d}.png")
+        summary["layout"] = "geneval: <out>/<index>/metadata.jsonl + samples/*.png"
+    elif b == "dpg":
+        for p, imgs in zip(job.prompts, images):
+            _save(grid_image(imgs), out / f"{p.id}.png")
+        summary["layout"] = f"dpg_bench: <out>/<item_id>.png ({len(images[0])} images per grid)"
+    else:  # longtext
+        from megatron_xomni.evaluation.longtext import LongTextReport, evaluate_image_dir
+
+        langs = sorted({p.meta.get("lang", "en") for p in job.prompts})
+        report = LongTextReport()
+        for lang in langs:
+            sub = out / "images" / lang if len(langs) > 1 else out / "images"
+            mine = [(p, imgs) for p, imgs in zip(job.prompts, images) if p.meta.get("lang", "en") == lang]
+            for p, imgs in mine:
+                for j, im in enumerate(imgs):
+                    _save(im, sub / f"{p.meta.get('prompt_id', p.id)}_{j}.png")
+            report.results += evaluate_image_dir([p for p, _ in mine], sub, ocr=ocr).results
+        data = {"accuracy": report.accuracy, "mean_accuracy": report.mean_accuracy, "by_lang": report.by_lang(),
+                "results": [r.__dict__ | {"accuracy": r.accuracy} for r in report.results]}
+        (out / "longtext.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        lines = ["| language | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in data["by_lang"].items()]
+        lines.append(f"| **overall** | **{report.accuracy:.3f}** |")
+        (out / "longtext.md").write_text("\n".join(lines) + "\n")
+        summary.update(accuracy=report.accuracy, by_lang=data["by_lang"], report=str(out / "longtext.json"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
