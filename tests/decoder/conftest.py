@@ -7,10 +7,6 @@ import torch
 ADAPTER_DIM = 24  # deliberately not the tiny tokenizer's width: the decoder must not assume it
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer CPU test (still runs in CI; deselect with -m 'not slow')")
-
-
 @pytest.fixture(autouse=True)
 def _threads():
     # 2 cores shared with other jobs: one thread is fastest under contention (measured 10-60x).

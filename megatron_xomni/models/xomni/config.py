@@ -92,6 +92,11 @@ class XOmniModelConfig:
         """megatron-core TransformerConfig for this model under a ParallelConfig."""
         from megatron.core.transformer import TransformerConfig
 
+        from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
+
+        # Fused kernels (bias-SwiGLU, bias-dropout-add, RoPE, wgrad accumulation) come from
+        # Transformer Engine / CUDA; the local spec on CPU runs the plain PyTorch paths.
+        fused = transformer_engine_usable()
         kwargs = dict(
             num_layers=self.num_layers_total,
             hidden_size=self.hidden_size,
@@ -105,12 +110,12 @@ class XOmniModelConfig:
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=True,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
+            bias_activation_fusion=fused,
+            masked_softmax_fusion=False,  # only used by the local DotProductAttention (we use SDPA)
+            bias_dropout_fusion=fused,
+            apply_rope_fusion=fused,
             persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
+            gradient_accumulation_fusion=fused,
             attention_dropout=self.attention_dropout,
             hidden_dropout=self.hidden_dropout,
             init_method_std=self.init_method_std,
