@@ -86,6 +86,10 @@ class TrainConfig:
     """Write a diffusers-format export to out_dir/export at the end."""
     decoder_overrides: dict = field(default_factory=dict)
     """Extra DecoderConfig fields for the preset (e.g. adapter_dim)."""
+    vae_fit_steps: int = 0
+    """Tiny preset without init_from: fit the (random) tiny VAE on built-in world crops for this many
+    steps before training, so latents mean something; the fitted decoder is saved to
+    out_dir/init and reused on resume. 0 keeps the VAE as built (FLUX's VAE is used as released)."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -208,8 +212,27 @@ def shard(decoder: XOmniDecoder, device: torch.device) -> None:
 def load_init(cfg: TrainConfig) -> XOmniDecoder:
     if cfg.init_from:
         return XOmniDecoder.from_pretrained(cfg.init_from, variant=cfg.variant)
+    init_dir = Path(cfg.out_dir) / "init"
+    if cfg.vae_fit_steps > 0 and (init_dir / "decoder_config.json").exists():  # fitted earlier: resume from it
+        return XOmniDecoder.from_pretrained(init_dir, variant=cfg.variant)
     dcfg = decoder_config(cfg.preset, cfg.variant, pretrained_path=cfg.pretrained_path, **cfg.decoder_overrides)
-    return build_decoder(dcfg, seed=cfg.seed)
+    decoder = build_decoder(dcfg, seed=cfg.seed)
+    if cfg.vae_fit_steps > 0:
+        if cfg.preset != "tiny":
+            raise ValueError("vae_fit_steps is for the tiny preset; the full preset uses FLUX's released VAE")
+        pixels, _ = world_images(range(512), cfg.image_size, seed=cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+
+        def crops():  # random 32 px crops: the VAE is convolutional, crops train it faster
+            while True:
+                idx = torch.randint(0, len(pixels), (16,), generator=g)
+                y, x = torch.randint(0, cfg.image_size - 32 + 1, (2,), generator=g).tolist()
+                yield pixels[idx][:, :, y:y + 32, x:x + 32]
+
+        fit_vae(decoder, crops(), cfg.vae_fit_steps)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank fits identically (seeded); one saves
+            decoder.save_pretrained(init_dir)
+    return decoder
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -32,17 +32,19 @@ class DemoConfig:
     """Pixels per side (64 px = 4x4 = 16 image tokens with patch 16)."""
     corpus_samples: int = 6000
     """Built-in world images in the training corpus."""
-    tokenizer_steps: int = 300
+    tokenizer_steps: int = 600
     """LLaVA-style image tokenizer training steps."""
-    pt_iters: int = 400
+    pt_iters: int = 600
     """Pre-training steps of the AR model."""
     sft_iters: int = 150
     """SFT steps."""
-    decoder_steps: int = 400
+    decoder_steps: int = 1200
     """Diffusion decoder training steps."""
+    vae_fit_steps: int = 150
+    """Reconstruction steps of the tiny VAE before decoder training."""
     decoder_sample_steps: int = 8
     """Euler steps when decoding images."""
-    grpo_steps: int = 20
+    grpo_steps: int = 40
     """GRPO steps."""
     grpo_prompts: int = 8
     """Prompts per GRPO step."""
@@ -57,7 +59,7 @@ class DemoConfig:
 
     @classmethod
     def smoke(cls, out: str) -> "DemoConfig":
-        return cls(out=out, corpus_samples=600, tokenizer_steps=20, pt_iters=20, sft_iters=10, decoder_steps=20,
+        return cls(out=out, corpus_samples=600, tokenizer_steps=20, pt_iters=20, sft_iters=10, decoder_steps=20, vae_fit_steps=5,
                    grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2)
 
 

@@ -73,10 +73,18 @@ def evaluate(args) -> dict:
         r = rewards([p.caption] * len(imgs), imgs, [p.meta] * len(imgs)).total
         per_prompt.append([0.0 if v is None else float(v) for v in r])
     bench = score_world_benchmark(prompts, grouped)
+    # The rendering ceiling: the same prompts' ground-truth images through tokenizer -> decoder.
+    # No policy can score higher than what the frozen tokenizer + decoder can render.
+    from megatron_xomni.decoder.train import pil_to_pixels
+
+    gt_codes = renderer.tokenizer.encode(pil_to_pixels([p.image for p in prompts]))
+    recon = renderer(gt_codes, [args.seed * 7919 + i for i in range(len(prompts))], [p.caption for p in prompts])
+    ceiling = rewards([p.caption for p in prompts], recon, [p.meta for p in prompts]).total
     out = {
         "checkpoint": str(path), "seed": args.seed, "samples_per_prompt": args.samples,
         "num_prompts": len(prompts), "mean_reward": sum(map(sum, per_prompt)) / sum(map(len, per_prompt)),
         "best_of_n_reward": sum(max(r) for r in per_prompt) / len(per_prompt),
+        "ground_truth_codes_reward": sum(0.0 if v is None else v for v in ceiling) / len(prompts),
         "accuracy": bench["overall"], "per_skill": bench["per_skill"], "per_skill_fraction": bench["per_skill_fraction"],
     }
     outdir = Path(args.out)

@@ -192,6 +192,10 @@ Evaluation: {sft['num_prompts']} held-out prompts x {n} samples each (T=1.0, min
 GRPO's mean single-sample reward {'**beats**' if beats else '**does not beat**'} SFT best-of-{n}
 ({rl['mean_reward']:.3f} vs {sft['best_of_n_reward']:.3f}).
 
+Rendering ceiling: the held-out prompts' *ground-truth* images, encoded by the frozen tokenizer and
+rendered by the frozen decoder, score {sft.get('ground_truth_codes_reward', float('nan')):.3f}; ground-truth pixels score 1.0.
+A policy's images cannot score above what the tokenizer + decoder can render.
+
 ## Accuracy per skill (GenEval-style: all checks of a prompt must pass)
 
 {markdown_table({'SFT': {'per_skill': sft['per_skill'], 'overall': sft['accuracy']}, 'GRPO': {'per_skill': rl['per_skill'], 'overall': rl['accuracy']}})}
@@ -223,7 +227,8 @@ def decoder(ctx: DemoContext) -> dict:
     ctx.run([sys.executable, "-m", "megatron_xomni.decoder.train", "--steps", str(cfg.decoder_steps),
              "--image-size", str(cfg.image_size), "--out-dir", str(d), "--tokenizer", image_tokenizer_path(ctx),
              "--seed", str(cfg.seed), "--variant", "image", "--sample-steps", str(cfg.decoder_sample_steps),
-             "--ckpt-every", str(max(cfg.decoder_steps // 4, 1))], "decoder")
+             "--ckpt-every", str(max(cfg.decoder_steps // 4, 1)), "--lr", "2e-3", "--warmup-steps", "20",
+             "--vae-fit-steps", str(cfg.vae_fit_steps)], "decoder")
     return {"export": decoder_path(ctx)}
 
 
