@@ -16,8 +16,6 @@ Throughput = generated tokens (all rows) / wall seconds, best of `--repeats`.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import tempfile
 import time
 
@@ -69,12 +67,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    from megatron_xomni.parallel import single_process_env
+
+    single_process_env()
 
     from megatron_xomni.checkpointing import load_checkpoint, resolve_checkpoint
     from megatron_xomni.conversion.convert import convert_hf_to_megatron

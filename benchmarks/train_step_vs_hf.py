@@ -8,8 +8,6 @@ A step = forward + backward + AdamW update. Prints tokens/s for both and the rat
 """
 
 import argparse
-import os
-import socket
 import time
 
 import torch
@@ -38,10 +36,9 @@ def main():
     from megatron_xomni.training.optim import OptimConfig, wrap_and_build_optimizer, zero_grads
     from megatron_xomni.training.step import forward_backward
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    from megatron_xomni.parallel import single_process_env
+
+    single_process_env()
     mcfg = XOmniModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                             num_attention_heads=args.heads, num_query_groups=args.kv_heads,
                             text_vocab_size=args.vocab, image_vocab_size=64, image_table_size=64,

@@ -17,17 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_xomni.parallel.init import free_port
 
 
 def run(nproc, root, save, iters, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "megatron_xomni.train", "tiny_pt", f'data.blend=["{root}/syn"]', f"data.cache_dir={root}/cache",
            f"save_dir={root}/{save}", f"train_iters={iters}", "log_interval=5", f"save_interval={iters // 2}",
            "data.global_batch_size=16", "data.micro_batch_size=8", *extra]

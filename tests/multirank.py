@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
+import pickle
 import traceback
+
+from megatron_xomni.parallel.init import free_port
 
 _CTX = None
 
@@ -23,12 +25,6 @@ def _context():
     return _CTX
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(fn, rank, world, port, queue, args):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -39,7 +35,9 @@ def _entry(fn, rank, world, port, queue, args):
     torch.set_num_threads(1)
     try:
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle (by value): torch.multiprocessing's reductions would share tensor storage
+        # through a file descriptor that dies with this process before the parent reads it.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, then still tear down
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -55,7 +53,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` processes; return results by rank."""
     ctx = _context()
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args), daemon=False)
         for r in range(world_size)
@@ -79,7 +77,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
                     raise TimeoutError(f"ranks did not finish within {timeout:.0f}s") from None
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -29,12 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _single_process_env() -> None:
     """Without torchrun, run as a world of one (megatron-core needs a process group)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron_xomni.parallel import single_process_env
+
+    single_process_env()
 
 
 def main(argv=None) -> int:

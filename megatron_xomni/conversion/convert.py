@@ -17,8 +17,6 @@ QKV / gate-up rules, so both directions are bit-exact.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -104,18 +102,10 @@ def megatron_state_to_hf(state: dict[str, torch.Tensor], mcfg: XOmniModelConfig,
 # ---- Megatron side: a TP=1/PP=1 model in a private one-rank process group ------------------
 def _single_rank_model(mcfg: XOmniModelConfig):
     from megatron_xomni.models.xomni.builder import build_model_chunks
-    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
+    from megatron_xomni.parallel import ParallelConfig, initialize_parallel, single_process_env
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        single_process_env()
     pg = initialize_parallel(ParallelConfig())
     (model,) = build_model_chunks(mcfg, ParallelConfig(), pg)
     return model

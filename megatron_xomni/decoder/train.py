@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field

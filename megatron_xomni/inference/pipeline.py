@@ -23,7 +23,6 @@ seeds[k]. So an image reproduces on its own (same seed, one prompt) at any TP/PP
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -47,14 +46,9 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
 def init_process_group(parallel=None, seed: int = 1234):
     """initialize_parallel(parallel) (default TP=PP=1); a plain `python` process (no torchrun environment)
     becomes a one-rank world on a free local port."""
-    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
+    from megatron_xomni.parallel import ParallelConfig, initialize_parallel, single_process_env
 
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
+    single_process_env()
     return initialize_parallel(parallel or ParallelConfig(), seed=seed)
 
 

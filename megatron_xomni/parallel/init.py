@@ -11,6 +11,22 @@ from megatron_xomni import cpu_compat
 from megatron_xomni.parallel.layout import ParallelConfig
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for single-node rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Outside torchrun: describe a one-rank world so process groups can start."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+
+
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10):
     """Initialise torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's groups.
 

@@ -102,18 +102,12 @@ class DemoContext:
             raise RuntimeError(f"{log_name} failed with exit code {code}: see {logs / (log_name + '.log')}")
 
     def torchrun(self, recipe: str, overrides: list[str], log_name: str) -> None:
+        from megatron_xomni.parallel.init import free_port
+
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.cfg.ranks}",
-               f"--master-port={_free_port()}", "-m", "megatron_xomni.train",
+               f"--master-port={free_port()}", "-m", "megatron_xomni.train",
                recipe, *overrides]
         self.run(cmd, log_name)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(cfg: DemoConfig, stages: list[Stage]) -> Path:

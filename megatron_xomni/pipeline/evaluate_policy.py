@@ -14,19 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
-
-
-def _init_single_rank() -> None:
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 def evaluate(args) -> dict:
@@ -123,8 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--skills", default="single_object,two_objects,counting,colors,position,color_attr")
     args = p.parse_args(argv)
-    _init_single_rank()
-    from megatron_xomni.parallel import destroy_parallel
+    from megatron_xomni.parallel import destroy_parallel, single_process_env
+
+    single_process_env()
 
     try:
         out = evaluate(args)

@@ -8,7 +8,6 @@ norm need each stage's image-position mask, which is derived from `tokens`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Optional
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_xomni.parallel.init import free_port
 
 
 def torchrun_cmd(nproc: int, recipe: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_port()}", "-m", "megatron_xomni.train", recipe, *overrides]
+            f"--master-port={free_port()}", "-m", "megatron_xomni.train", recipe, *overrides]
 
 
 def run_trainer(nproc: int, recipe: str, overrides: list[str], cwd, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -94,7 +94,6 @@ class XOmniModel(GPTModel):
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         v = self.model_cfg.text_vocab_size
-        is_image = input_ids >= v
         text = self.embedding(input_ids=input_ids.clamp(max=v - 1), position_ids=position_ids)
         image = self.image_embedding(
             input_ids=(input_ids - v).clamp(min=0), position_ids=position_ids
