@@ -150,6 +150,19 @@ def _curve(ax, path: Path, key: str, label: str) -> None:
         ax.plot(list(pts), list(pts.values()), label=label)
 
 
+def make_bundle(ctx: DemoContext) -> Path:
+    """`<out>/bundle`: the GRPO policy and its frozen parts in the layout `xomni generate --bundle` reads."""
+    bundle = ctx.dir("bundle")
+    parts = {"model": ctx.out / "grpo" / "ckpt", "text_tokenizer": ctx.out / "text_tokenizer" / "tokenizer",
+             "image_tokenizer": Path(image_tokenizer_path(ctx)), "decoder": Path(decoder_path(ctx))}
+    for name, target in parts.items():
+        link = bundle / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    return bundle
+
+
 def report(ctx: DemoContext) -> dict:
     import matplotlib
 
@@ -210,6 +223,10 @@ A policy's images cannot score above what the tokenizer + decoder can render.
 |---|---|
 | ![sft](eval_sft/samples.png) | ![grpo](eval_grpo/samples.png) |
 
+## Try it
+
+    xomni generate --bundle {out / 'bundle'} --prompt "a photo of two red circles" --size 64x64 --out {out / 'generated'}
+
 ## Wall time per stage (seconds, this machine)
 
 | stage | seconds |
@@ -217,6 +234,7 @@ A policy's images cannot score above what the tokenizer + decoder can render.
 {timings}
 """
     (out / "report.md").write_text(text)
+    make_bundle(ctx)
     return {"grpo_beats_sft_best_of_n": beats, "sft": sft["mean_reward"], "sft_best_of_n": sft["best_of_n_reward"],
             "grpo": rl["mean_reward"]}
 

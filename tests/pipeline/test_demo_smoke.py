@@ -22,6 +22,8 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path):
         assert (out / f).stat().st_size > 0, f
     report = (out / "report.md").read_text()
     assert "best-of-2" in report and "| **overall** |" in report
+    for part in ["model", "text_tokenizer", "image_tokenizer", "decoder"]:  # `xomni generate --bundle`
+        assert (out / "bundle" / part).is_dir(), part
     sft = json.loads((out / "eval_sft" / "eval.json").read_text())
     assert 0.0 <= sft["mean_reward"] <= sft["best_of_n_reward"] <= 1.0
 
