@@ -48,23 +48,23 @@ def read_prompts_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"prompts file {p} does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UsageError(f"prompts file {p} is not UTF-8 text") from None
     prompts = []
     if p.suffix.lower() == ".jsonl":
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{p}:{n}: invalid JSON ({e.msg}); expected {{\"prompt\": \"...\"}} per line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        from megatron_xomni.evaluation.benchmarks import read_jsonl
+
+        try:
+            rows = read_jsonl(p, '{"prompt": "..."} per line')
+        except (ValueError, UnicodeDecodeError) as e:  # UnicodeDecodeError is a ValueError too
+            raise UsageError(str(e).splitlines()[0]) from None
+        for n, obj in rows:
+            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise UsageError(f"{p}:{n}: expected an object with a non-empty string \"prompt\" field")
             prompts.append(obj["prompt"].strip())
     else:
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"prompts file {p} is not UTF-8 text") from None
         prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UsageError(f"prompts file {p} holds no prompts")

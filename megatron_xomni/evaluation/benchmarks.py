@@ -42,7 +42,7 @@ class BenchmarkPrompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -83,7 +83,7 @@ def load_geneval(path: str | Path) -> list[BenchmarkPrompt]:
         path = _existing(path / "evaluation_metadata.jsonl", "GenEval evaluation_metadata.jsonl")
     what = "GenEval metadata (tag, include, prompt)"
     prompts = []
-    for index, (lineno, obj) in enumerate(_read_jsonl(path, what)):
+    for index, (lineno, obj) in enumerate(read_jsonl(path, what)):
         _require(path, lineno, obj, ("tag", "include", "prompt"), what)
         if not isinstance(obj["include"], list):
             kind = type(obj["include"]).__name__
@@ -182,7 +182,7 @@ def _read_longtext_file(path: Path, lang: str | None, id_prefix: str) -> list[Be
             raise ValueError(f"{path}: expected a non-empty JSON array of objects for {what}")
         rows = [(f"item {i}", o) for i, o in enumerate(data)]
     else:
-        rows = _read_jsonl(path, what)
+        rows = read_jsonl(path, what)
     if lang is None and path.name.endswith("_zh" + path.suffix):
         lang = "zh"
     prompts = []

@@ -106,11 +106,9 @@ class SigLIPVQConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SigLIPVQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SigLIPVQConfig fields {unknown}; remove them from the config")
-        return cls(**data)
+        from megatron_xomni.dataclass_utils import strict_from_dict
+
+        return strict_from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -130,11 +130,9 @@ class TokenizerTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenizerTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TokenizerTrainConfig fields {unknown}; remove them")
-        return cls(**data)
+        from megatron_xomni.dataclass_utils import strict_from_dict
+
+        return strict_from_dict(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------- modules

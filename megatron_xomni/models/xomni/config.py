@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -82,11 +82,9 @@ class XOmniModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "XOmniModelConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**d)
+        from megatron_xomni.dataclass_utils import strict_from_dict
+
+        return strict_from_dict(cls, d)
 
     def transformer_config(self, parallel, params_dtype: torch.dtype = torch.float32, **overrides):
         """megatron-core TransformerConfig for this model under a ParallelConfig."""
