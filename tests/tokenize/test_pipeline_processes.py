@@ -44,7 +44,9 @@ def test_cli_killed_mid_run_then_resumed(reference, corpus, text_tok_dir, tmp_pa
     if Path(f"{out}.json").exists():
         pytest.skip("the run finished before it could be killed")
     done = sorted(p.name for p in parts.glob("done-*.json"))
-    assert done and len(done) < 4
+    # Killed before the run completed: after some shards, or (on a fast machine) after all shards
+    # but during the merge; resume must give identical outputs from either point.
+    assert done
     assert not Path(f"{out}_generation.bin").exists()
     summary = tokenize_corpus(make_cfg(corpus, text_tok_dir, out, resume=True))
     assert read_outputs(out) == read_outputs(ref_out)
