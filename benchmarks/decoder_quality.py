@@ -42,11 +42,11 @@ def main():
     p.add_argument("--pixel-steps", type=int, default=600)
     p.add_argument("--decoder-steps", type=int, default=8)
     args = p.parse_args()
-    from megatron_xomni.decoder import XOmniDecoder
-    from megatron_xomni.decoder.sampling import sample_from_codes
-    from megatron_xomni.decoder.train import pil_to_pixels, world_images
-    from megatron_xomni.tokenize import load_image_tokenizer
-    from megatron_xomni.tokenizer.pixel_decoder import (PixelDecoder, PixelDecoderConfig, reconstruct,
+    from megatron_xomni.models.flux_decoder import XOmniDecoder
+    from megatron_xomni.models.flux_decoder.sampling import sample_from_codes
+    from megatron_xomni.training.flux_decoder import pil_to_pixels, world_images
+    from megatron_xomni.inference.tokenize_corpus import load_image_tokenizer
+    from megatron_xomni.models.siglip_vq.pixel_probe import (PixelDecoder, PixelDecoderConfig, reconstruct,
                                                         tokenizer_features, train_pixel_decoder)
     from megatron_xomni.world import held_out_prompts
 

@@ -23,7 +23,7 @@ def _sync(device):
 
 
 def bench_sampling(dec, grid, steps, batch, repeats, device, cfg_scale):
-    from megatron_xomni.decoder.sampling import sample
+    from megatron_xomni.models.flux_decoder.sampling import sample
 
     feats = torch.randn(batch, grid[0] * grid[1], dec.cfg.adapter_dim, device=device)
     sample(dec, feats, grid, num_inference_steps=min(steps, 2), generator=0, guidance_scale=cfg_scale)  # warm-up
@@ -36,7 +36,7 @@ def bench_sampling(dec, grid, steps, batch, repeats, device, cfg_scale):
 
 
 def bench_train_step(dec, grid, batch, repeats, device, dtype):
-    from megatron_xomni.decoder.train import TrainConfig, flow_matching_loss, select_trainable
+    from megatron_xomni.training.flux_decoder import TrainConfig, flow_matching_loss, select_trainable
 
     select_trainable(dec, "all")
     params = [p for p in dec.transformer.parameters() if p.requires_grad]
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on shared cores)")
     args = p.parse_args()
 
-    from megatron_xomni.decoder import build_decoder, decoder_config
+    from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
 
     if args.full_size:
         if not torch.cuda.is_available():

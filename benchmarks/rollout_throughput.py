@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     from megatron_xomni.conversion.convert import convert_hf_to_megatron
     from megatron_xomni.models.xomni.builder import build_model_chunks
     from megatron_xomni.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_xomni.rl.rollout import RolloutConfig, generate_images, generate_text
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
+    from megatron_xomni.inference.sampling import SamplingConfig
     from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
 
     tmp = tempfile.mkdtemp(prefix="rollout_bench_")

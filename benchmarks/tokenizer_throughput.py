@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_xomni.tokenizer import SiglipVQTokenizer, nearest_code, tokenizer_config
+from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, nearest_code, tokenizer_config
 
 
 def _sync(device: torch.device) -> None:

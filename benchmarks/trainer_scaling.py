@@ -35,7 +35,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=40)
     args = p.parse_args()
-    from megatron_xomni.datasets.synthetic import write_synthetic_tokens
+    from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
 
     root = Path(tempfile.mkdtemp())
     write_synthetic_tokens(root / "syn", 2000, 512, 256, seed=0)

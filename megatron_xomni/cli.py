@@ -4,7 +4,7 @@
     xomni chat --bundle B --image photo.png --question "What is in the image?"
     xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/
     xomni train RECIPE [key=value ...]          (megatron_xomni.train)
-    xomni convert hf-to-megatron|megatron-to-hf ...   (tools/convert_checkpoint.py)
+    xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
 
 Model parts come from `--bundle DIR` (subfolders model/ text_tokenizer/ image_tokenizer/ decoder/) or from
@@ -18,7 +18,6 @@ Bad input (prompt files, sizes, paths, parts that do not fit together) is report
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -152,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _paths(args, decoder: bool):
-    from megatron_xomni.inference.spec import PipelinePaths
+    from megatron_xomni.inference.bundle import PipelinePaths
 
     base = None
     if args.bundle:
@@ -171,7 +170,7 @@ def _paths(args, decoder: bool):
 
 
 def _sampling(args):
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.sampling import SamplingConfig
 
     s = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     s.validate()
@@ -229,7 +228,7 @@ def _generate_all(pipe, jobs: list[tuple[str, int]], h: int, w: int, args, sampl
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_generate(args) -> int:
-    from megatron_xomni.inference.spec import inspect_paths
+    from megatron_xomni.inference.bundle import inspect_paths
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -285,7 +284,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from megatron_xomni.inference.spec import inspect_paths
+    from megatron_xomni.inference.bundle import inspect_paths
 
     for path in args.image:
         if not Path(path).is_file():
@@ -323,7 +322,7 @@ def cmd_chat(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from megatron_xomni.inference.evaluate import DEFAULT_IMAGES, EvalJob, load_prompts, prompt_text, write_outputs
-    from megatron_xomni.inference.spec import inspect_paths
+    from megatron_xomni.inference.bundle import inspect_paths
 
     height, width = parse_size(args.size or ("64x64" if args.benchmark == "world" else "1024x1024"))
     n_img = args.images_per_prompt or DEFAULT_IMAGES[args.benchmark]
@@ -368,18 +367,13 @@ def _train(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    # tools/convert_checkpoint.py is the single implementation; load it by path (tools/ is not a package).
-    path = Path(__file__).resolve().parent.parent / "tools" / "convert_checkpoint.py"
-    if not path.is_file():
-        raise UsageError(f"{path} not found: `xomni convert` needs a source checkout of megatron-xomni")
-    spec = importlib.util.spec_from_file_location("_xomni_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    from megatron_xomni.conversion.cli import main as convert_main
+
+    return convert_main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from megatron_xomni.pipeline.cli import main as demo_main
+    from megatron_xomni.demo.cli import main as demo_main
 
     return demo_main(argv)
 

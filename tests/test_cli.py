@@ -150,10 +150,10 @@ def test_evaluate_layouts(bundle, tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail loudly if anything would build a model, load weights or start a process group."""
-    import megatron_xomni.decoder as dec
+    import megatron_xomni.models.flux_decoder as dec
     import megatron_xomni.inference.pipeline as pipe
     import megatron_xomni.models.xomni.builder as builder
-    import megatron_xomni.tokenizer as tok
+    import megatron_xomni.models.siglip_vq as tok
 
     calls = []
 
@@ -260,9 +260,9 @@ def test_delegation(monkeypatch, capsys):
     from megatron_xomni import cli
 
     seen = {}
-    fake = types.ModuleType("megatron_xomni.pipeline.cli")
+    fake = types.ModuleType("megatron_xomni.demo.cli")
     fake.main = lambda argv: seen.setdefault("demo", argv) and 0
-    monkeypatch.setitem(sys.modules, "megatron_xomni.pipeline.cli", fake)
+    monkeypatch.setitem(sys.modules, "megatron_xomni.demo.cli", fake)
     assert cli.main(["demo", "--out", "x", "--smoke"]) == 0
     assert seen["demo"] == ["--out", "x", "--smoke"]
 

@@ -3,7 +3,7 @@
 
   python tools/inspect_tokenizer.py --tokenizer OUT/tokenizer --out INSPECT [--corpus CORPUS] [--steps 600]
 
-Trains megatron_xomni.tokenizer.pixel_decoder.PixelDecoder (a conv upsampler, L2/L1 pixel loss) on
+Trains megatron_xomni.models.siglip_vq.pixel_probe.PixelDecoder (a conv upsampler, L2/L1 pixel loss) on
 the tokenizer's codes of training images (--corpus, else the built-in world), then on held-out world
 images reports PSNR of the reconstructions against two baselines: the mean training image and the
 untrained decoder. Writes INSPECT/grid.png (rows of originals, each followed by its reconstructions),
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_xomni.data import ImagePreprocessConfig, preprocess
-    from megatron_xomni.tokenizer import SiglipVQTokenizer
-    from megatron_xomni.tokenizer.pixel_decoder import (PixelDecoder, PixelDecoderConfig, image_grid, psnr,
+    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer
+    from megatron_xomni.models.siglip_vq.pixel_probe import (PixelDecoder, PixelDecoderConfig, image_grid, psnr,
                                                         tokenizer_features, train_pixel_decoder)
     from megatron_xomni.world import held_out_prompts, sample_world
 

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     args = p.parse_args(argv)
 
-    from megatron_xomni.tokenize import TokenizeConfig, tokenize_corpus
+    from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, tokenize_corpus
 
     try:
         fmt = json.loads(args.format)

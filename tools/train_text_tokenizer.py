@@ -8,7 +8,7 @@
   # a local HF tokenizer folder (e.g. Qwen2.5-7B/): registers <SOM>, <EOM>, <IMAGE> and saves it
   python tools/train_text_tokenizer.py hf OUT_DIR --hf Qwen2.5-7B/
 
-The folder loads with megatron_xomni.text.XOmniTextTokenizer.load and is what
+The folder loads with megatron_xomni.data.text_tokenizer.XOmniTextTokenizer.load and is what
 tools/tokenize_corpus.py --text-tokenizer expects.
 """
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-byte-fallback", action="store_true", help="sentencepiece: no byte pieces (unknown chars -> <unk>)")
     args = p.parse_args(argv)
 
-    from megatron_xomni.text import XOmniTextTokenizer, train_sentencepiece, world_texts
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
 
     try:
         if args.source == "hf":

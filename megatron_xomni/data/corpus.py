@@ -30,8 +30,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .decode import DecodeFailed, decode_pillow, probe_header_size
-from .report import SkipReason, SkipReport
+from megatron_xomni.data.decode import DecodeFailed, decode_pillow, probe_header_size
+from megatron_xomni.data.report import SkipReason, SkipReport
 
 MANIFEST_NAME = "index.json"
 SHARD_PATTERN = "shard-%06d.tar"

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .preprocess import ImagePreprocessConfig, ImageRejected, normalize_uint8, preprocess, resize_uint8_tensor, target_size
-from .report import SkipReason
+from megatron_xomni.data.preprocess import ImagePreprocessConfig, ImageRejected, normalize_uint8, preprocess, resize_uint8_tensor, target_size
+from megatron_xomni.data.report import SkipReason
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .report import SkipReason
+from megatron_xomni.data.report import SkipReason
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 

@@ -25,10 +25,10 @@ from typing import Iterator
 
 import torch
 
-from .corpus import CAPTION_EXT, IMAGE_EXTS, MANIFEST_NAME, META_EXT, CorpusManifest
-from .decode import DecodeFailed, make_decoder
-from .preprocess import ImagePreprocessConfig, ImageRejected
-from .report import SkipReason, SkipReport
+from megatron_xomni.data.corpus import CAPTION_EXT, IMAGE_EXTS, MANIFEST_NAME, META_EXT, CorpusManifest
+from megatron_xomni.data.decode import DecodeFailed, make_decoder
+from megatron_xomni.data.preprocess import ImagePreprocessConfig, ImageRejected
+from megatron_xomni.data.report import SkipReason, SkipReport
 
 _BLOCK = 512
 

@@ -1,7 +1,7 @@
 """XOmniPipeline: text -> image and image -> text with a trained X-Omni model.
 
     from megatron_xomni.inference import XOmniPipeline
-    from megatron_xomni.rl import SamplingConfig
+    from megatron_xomni.inference.sampling import SamplingConfig
 
     pipe = XOmniPipeline.from_bundle("bundle/")          # single process: parallel state is set up for you
     images = pipe.generate(["a red circle"], 64, 64, seeds=[0])           # list[PIL.Image] (rank 0)
@@ -13,7 +13,7 @@ rank must make the same calls with the same arguments. The image tokenizer and t
 live on global rank 0 only, which returns the images; other ranks return None.
 
 Text -> image (X-Omni section 2/3): the prompt `caption <SOM>{h} {w}<IMAGE>` is extended by exactly
-h*w image codes sampled from the image head (KV-cache rollout of megatron_xomni.rl), the codes become
+h*w image codes sampled from the image head (KV-cache generation of megatron_xomni.inference.generation), the codes become
 adapter features (SiglipVQTokenizer.decode_features) and the FLUX-style decoder turns them into pixels.
 
 Seeds: image k is fully determined by (prompt, seeds[k], settings): its AR random stream is the
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_xomni.inference.spec import PipelinePaths, PipelineSpec, inspect_paths
+from megatron_xomni.inference.bundle import PipelinePaths, PipelineSpec, inspect_paths
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 Turn = Union[str, tuple[str, str]]
@@ -101,7 +101,7 @@ class XOmniPipeline:
     def __init__(self, spec: PipelineSpec, chunks: list, pg, image_tokenizer=None, decoder=None,
                  preprocess: str = "auto", format_overrides: Optional[dict] = None, max_rows_per_forward: int = 16):
         """Use `from_pretrained` / `from_bundle` / `from_spec`; this wires already loaded parts together."""
-        from megatron_xomni.tokenize.format import SequenceFormat
+        from megatron_xomni.data.sequence import SequenceFormat
 
         self.spec = spec
         self.chunks = chunks
@@ -158,12 +158,12 @@ class XOmniPipeline:
             c.to(device).eval().requires_grad_(False)
         image_tok = decoder = None
         if torch.distributed.get_rank() == 0:
-            from megatron_xomni.tokenizer import SiglipVQTokenizer
+            from megatron_xomni.models.siglip_vq import SiglipVQTokenizer
 
             image_tok = SiglipVQTokenizer.from_pretrained(spec.paths.image_tokenizer, device=device)
             image_tok.eval().requires_grad_(False)
             if load_decoder and spec.paths.decoder is not None:
-                from megatron_xomni.decoder import XOmniDecoder
+                from megatron_xomni.models.flux_decoder import XOmniDecoder
 
                 decoder = XOmniDecoder.from_pretrained(spec.paths.decoder, torch_dtype=torch_dtype)
                 decoder.to(device).eval().requires_grad_(False)
@@ -189,8 +189,8 @@ class XOmniPipeline:
         samples only its share. `sampling`: SamplingConfig (default: X-Omni's T=1.0, min-p 0.03).
         `cfg_scale` != 1 adds the unconditional branch (empty prompt + the same image prefix).
         """
-        from megatron_xomni.rl.rollout import RolloutConfig, generate_images
-        from megatron_xomni.rl.sampling import SamplingConfig
+        from megatron_xomni.inference.generation import RolloutConfig, generate_images
+        from megatron_xomni.inference.sampling import SamplingConfig
 
         prompts = list(prompts)
         grid = self.spec.check_prompts(prompts, height, width)
@@ -217,7 +217,7 @@ class XOmniPipeline:
     def decode_codes(self, codes: Sequence[torch.Tensor], prompts: Sequence[str], seeds: Sequence[int],
                      decoder_steps: Optional[int] = None, decoder_guidance: float = 1.0) -> list[Image.Image]:
         """Codes [h, w] -> images with the diffusion decoder (output rank only). Codes of one call share a grid."""
-        from megatron_xomni.decoder.sampling import sample_from_codes
+        from megatron_xomni.models.flux_decoder.sampling import sample_from_codes
 
         if self.decoder is None or self.image_tokenizer is None:
             raise ValueError("this rank holds no decoder: decode on global rank 0 of a pipeline loaded with a decoder")
@@ -253,7 +253,7 @@ class XOmniPipeline:
     # ------------------------------------------------------------------ image -> text
     @staticmethod
     def _clean(text: str, what: str) -> str:
-        from megatron_xomni.text.tokenizer import SPECIAL_TOKENS
+        from megatron_xomni.data.text_tokenizer import SPECIAL_TOKENS
 
         if not isinstance(text, str):
             raise ValueError(f"{what} must be text, got {type(text).__name__}")
@@ -295,9 +295,9 @@ class XOmniPipeline:
         then `q1 sep a1 turn_sep q2 sep a2 ...`. A turn is a question (answered by the model, text mode until
         EOS or max_new_tokens) or a (question, answer) pair taken as given history. `sampling` None = greedy.
         """
-        from megatron_xomni.rl.rollout import RolloutConfig, generate_text
-        from megatron_xomni.rl.sampling import SamplingConfig
-        from megatron_xomni.tokenize.format import image_block_ids
+        from megatron_xomni.inference.generation import RolloutConfig, generate_text
+        from megatron_xomni.inference.sampling import SamplingConfig
+        from megatron_xomni.data.sequence import image_block_ids
 
         if isinstance(turns, str):
             turns = [turns]

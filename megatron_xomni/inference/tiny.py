@@ -23,12 +23,12 @@ def build_tiny_bundle(out: str | Path, seed: int = 0, weight_std: float = 0.15, 
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_xomni.checkpointing import save_checkpoint
-    from megatron_xomni.decoder import build_decoder, decoder_config
+    from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.models.xomni.builder import build_model_chunks
     from megatron_xomni.parallel import ParallelConfig
-    from megatron_xomni.text import XOmniTextTokenizer, train_sentencepiece, world_texts
-    from megatron_xomni.tokenizer import SiglipVQTokenizer, tokenizer_config
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
     from megatron_xomni.training.step import model_sharded_state_dict
 
     out = Path(out)

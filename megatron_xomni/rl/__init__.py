@@ -2,8 +2,8 @@
 
 from megatron_xomni.rl.grpo import GRPOConfig, GRPOStep, group_advantages, grpo_token_terms, loss_weights
 from megatron_xomni.rl.logprobs import compute_logprobs, pack_rollouts, split_microbatches
-from megatron_xomni.rl.rollout import Rollout, RolloutConfig, generate_images, generate_text
-from megatron_xomni.rl.sampling import SamplingConfig
+from megatron_xomni.inference.generation import Rollout, RolloutConfig, generate_images, generate_text
+from megatron_xomni.inference.sampling import SamplingConfig
 
 __all__ = [
     "GRPOConfig", "GRPOStep", "group_advantages", "grpo_token_terms", "loss_weights",

@@ -30,7 +30,7 @@ from megatron_xomni.rl.logprobs import (
     policy_logprobs_and_entropy,
     split_microbatches,
 )
-from megatron_xomni.rl.rollout import Rollout
+from megatron_xomni.inference.generation import Rollout
 
 _STATS = ("objective", "pg_loss", "kl", "clipped", "entropy", "ratio", "tokens")
 

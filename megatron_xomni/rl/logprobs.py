@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_xomni.rl.rollout import Rollout, _unwrap
+from megatron_xomni.inference.generation import Rollout, _unwrap
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int = 0, length: Optional[int] = None) -> dict:

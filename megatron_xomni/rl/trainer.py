@@ -22,7 +22,7 @@ import torch
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
-from megatron_xomni.rl.sampling import SamplingConfig
+from megatron_xomni.inference.sampling import SamplingConfig
 from megatron_xomni.training.optim import OptimConfig
 
 
@@ -100,31 +100,6 @@ def world_prompt(index: int, cfg: GRPORunConfig):
                         skill=skills[index % len(skills)])
 
 
-class Renderer:
-    """Frozen image tokenizer + diffusion decoder: codes [B, h, w] -> PIL images."""
-
-    def __init__(self, image_tokenizer: str, decoder: str, steps: int):
-        from megatron_xomni.decoder import XOmniDecoder
-        from megatron_xomni.tokenize import load_image_tokenizer
-
-        self.tokenizer = load_image_tokenizer(image_tokenizer)
-        self.decoder = XOmniDecoder.from_pretrained(decoder).eval().requires_grad_(False)
-        self.steps = steps
-
-    @torch.no_grad()
-    def __call__(self, codes: torch.Tensor, seeds: list[int], prompts: list[str]) -> list:
-        from PIL import Image
-
-        from megatron_xomni.decoder.sampling import sample_from_codes
-
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        kwargs = {"prompts": prompts} if getattr(self.decoder.cfg, "variant", "image") == "text" else {}
-        pixels = sample_from_codes(self.decoder, self.tokenizer, codes, num_inference_steps=self.steps,
-                                   generator=gens, **kwargs)
-        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
-
-
 class GRPOTrainer:
     def __init__(self, cfg: GRPORunConfig):
         self.cfg = cfg
@@ -138,7 +113,7 @@ class GRPOTrainer:
         from megatron_xomni.parallel import initialize_parallel
         from megatron_xomni.rewards import RewardEnsemble
         from megatron_xomni.rl.grpo import GRPOStep
-        from megatron_xomni.text import XOmniTextTokenizer
+        from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
         from megatron_xomni.training.metrics import MetricsLogger
         from megatron_xomni.training.optim import wrap_and_build_optimizer
         from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
@@ -160,6 +135,8 @@ class GRPOTrainer:
                 m.eval().requires_grad_(False)
         self.wrapped, self.optimizer = wrap_and_build_optimizer(self.chunks, cfg.optim, self.pg)
         self.grpo = GRPOStep(self.wrapped, self.optimizer, self.pg, cfg.grpo, self.ref)
+        from megatron_xomni.inference.render import Renderer
+
         self.renderer = Renderer(cfg.image_tokenizer, cfg.decoder, cfg.decoder_steps)
         self.rewards = RewardEnsemble(dict(cfg.rewards))
         self.reference_identity = str(init)
@@ -220,7 +197,7 @@ class GRPOTrainer:
 
     def rollout(self, step: int):
         from megatron_xomni.rl import RolloutConfig, generate_images
-        from megatron_xomni.tokenize.format import SequenceFormat, image_block_ids
+        from megatron_xomni.data.sequence import SequenceFormat, image_block_ids
 
         cfg = self.cfg
         h, w = cfg.image_height // 16, cfg.image_width // 16

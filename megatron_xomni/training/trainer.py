@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megatron_xomni.config import RunConfig
+from megatron_xomni.training.config import RunConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_REQUEUE = 0, 1, 3
 
@@ -137,7 +137,7 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_xomni.datasets.gpt import DatasetSpec, build_train_valid_datasets
+        from megatron_xomni.data.token_dataset import DatasetSpec, build_train_valid_datasets
         from megatron_xomni.models.xomni.builder import build_model_chunks
         from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
         from megatron_xomni.parallel import initialize_parallel

@@ -67,9 +67,9 @@ def _rank(rank, world, bundle):
     import torch
     from PIL import Image
 
-    from megatron_xomni.decoder.sampling import sample
+    from megatron_xomni.models.flux_decoder.sampling import sample
     from megatron_xomni.inference import XOmniPipeline
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.sampling import SamplingConfig
 
     pipe = XOmniPipeline.from_bundle(bundle)
     model, tok, cfg = pipe.chunks[0], pipe.text_tokenizer, pipe.model_config

@@ -107,7 +107,7 @@ def test_sequence_weights_are_per_sequence_means():
 
 
 def test_bad_settings_give_clear_errors():
-    from megatron_xomni.rl.rollout import RolloutConfig, generate_images, generate_text
+    from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
 
     with pytest.raises(ValueError, match="loss_aggregation"):
         GRPOConfig(loss_aggregation="batch").validate()

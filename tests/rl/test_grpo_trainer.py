@@ -25,9 +25,9 @@ def _make_sft(rank, world, root):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    from megatron_xomni.decoder import build_decoder, decoder_config
-    from megatron_xomni.text import XOmniTextTokenizer, train_sentencepiece, world_texts
-    from megatron_xomni.tokenizer import SiglipVQTokenizer, tokenizer_config
+    from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
 
     torch.manual_seed(0)
     SiglipVQTokenizer(tokenizer_config("tiny")).save_pretrained(root / "imgtok")

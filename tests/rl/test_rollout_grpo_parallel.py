@@ -119,8 +119,8 @@ def _direct_grads(policy, ref, rollouts, rewards, beta, lo, hi):
 def _rank(rank, world, root, layout, is_reference):
     from megatron_xomni.rl.grpo import GRPOConfig, GRPOStep
     from megatron_xomni.rl.logprobs import compute_logprobs, pack_rollouts, split_microbatches
-    from megatron_xomni.rl.rollout import RolloutConfig, generate_images, generate_text
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
+    from megatron_xomni.inference.sampling import SamplingConfig
     from megatron_xomni.training.optim import OptimConfig, wrap_and_build_optimizer
 
     pg, policy, ref = _build(rank, world, layout, root)

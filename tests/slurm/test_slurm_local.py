@@ -134,7 +134,7 @@ def root(tmp_path_factory) -> Path:
     """Shared folder; with the real trainer it holds a small synthetic token corpus."""
     path = tmp_path_factory.mktemp("slurm")
     if BACKEND.real:
-        from megatron_xomni.datasets.synthetic import write_synthetic_tokens
+        from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
 
         write_synthetic_tokens(path / "data" / "syn", 300, 512, 256, seed=0)
     return path

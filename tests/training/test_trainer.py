@@ -22,7 +22,7 @@ COMMON = ["train_iters=12", "save_interval=4", "log_interval=1", "optim.lr=3e-3"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    from megatron_xomni.datasets.synthetic import write_synthetic_tokens
+    from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
 
     write_synthetic_tokens(root / "data" / "syn", 300, 512, 256, seed=0)
     return root

@@ -1,0 +1,254 @@
+"""The stages of the tiny demo pipeline (see demo.py). Each returns a dict saved in DONE.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_xomni.demo.runner import DemoContext
+
+TEXT_VOCAB = 512  # the tiny model's text table (sentencepiece world vocabulary fits exactly)
+
+
+def corpus(ctx: DemoContext) -> dict:
+    from megatron_xomni.data import write_world_corpus
+
+    cfg = ctx.cfg
+    out = ctx.dir("corpus") / "train"
+    manifest = write_world_corpus(out, cfg.corpus_samples, seed=cfg.seed, height=cfg.image_size,
+                                  width=cfg.image_size, samples_per_shard=500, overwrite=True)
+    return {"path": str(out), "samples": manifest.num_samples}
+
+
+def text_tokenizer(ctx: DemoContext) -> dict:
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+
+    d = ctx.dir("text_tokenizer")
+    model = train_sentencepiece(world_texts(num_samples=2000, seed=ctx.cfg.seed), d / "sp", vocab_size=TEXT_VOCAB)
+    tok = XOmniTextTokenizer.from_sentencepiece(model)
+    tok.check_text_vocab(TEXT_VOCAB)
+    tok.save(d / "tokenizer")
+    return {"path": str(d / "tokenizer"), "vocab_size": tok.vocab_size}
+
+
+def image_tokenizer(ctx: DemoContext) -> dict:
+    d = ctx.dir("image_tokenizer")
+    cfg = ctx.cfg
+    ctx.run([sys.executable, "-m", "megatron_xomni.training.siglip_vq_cli", "--corpus", str(ctx.out / "corpus" / "train"),
+             "--out", str(d / "run"), "--steps", str(cfg.tokenizer_steps),
+             "--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"), "--seed", str(cfg.seed),
+             # A frozen random LLM is a weak teacher: warm it up on world captions first.
+             "--llm-warmup-steps", str(max(cfg.tokenizer_steps // 2, 1)), "--eval-world", "32"],
+            "image_tokenizer")
+    summary = d / "run" / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {"path": str(d / "run")}
+
+
+def image_tokenizer_path(ctx: DemoContext) -> str:
+    return str(ctx.out / "image_tokenizer" / "run" / "tokenizer")
+
+
+def tokenize(ctx: DemoContext) -> dict:
+    from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, tokenize_corpus
+
+    d = ctx.dir("tokens")
+    prefix = d / "world"
+    summary = tokenize_corpus(TokenizeConfig(
+        corpus=str(ctx.out / "corpus" / "train"), out_prefix=str(prefix),
+        text_tokenizer=str(ctx.out / "text_tokenizer" / "tokenizer"),
+        image_tokenizer=image_tokenizer_path(ctx), mode="both", workers=1,
+        resume=True, text_vocab_size=TEXT_VOCAB,  # continues an interrupted run; fresh otherwise
+        preprocess="tiny",  # 64 px images: the tiny size rules (X-Omni's would reject them as too small)
+    ))
+    return {"prefix": str(prefix), "summary": summary}
+
+
+def _blend(ctx: DemoContext) -> tuple[list, int]:
+    summary = json.loads((ctx.out / "tokens" / "world.json").read_text())
+    weights = {"generation": 0.7, "understanding": 0.3}  # generation-heavy, like X-Omni's PT-2
+    flat = []
+    for mode, prefix in summary["blend"].items():
+        flat += [weights[mode], prefix]
+    return flat, int(summary["eod_id"])
+
+
+def _train_overrides(ctx: DemoContext, save_dir: Path, iters: int) -> list[str]:
+    blend, eod = _blend(ctx)
+    return [f"data.blend={json.dumps(blend)}", f"data.eod_id={eod}", f"save_dir={save_dir}",
+            f"data.cache_dir={ctx.out / 'tokens' / 'cache'}", f"train_iters={iters}", f"seed={ctx.cfg.seed}",
+            f"save_interval={max(iters // 4, 1)}", f"log_interval={max(iters // 20, 1)}"]
+
+
+def pretrain(ctx: DemoContext) -> dict:
+    save = ctx.dir("pretrain") / "ckpt"
+    ctx.torchrun("tiny_pt", _train_overrides(ctx, save, ctx.cfg.pt_iters), "pretrain")
+    return {"checkpoint": str(save), **_metrics_summary(save)}
+
+
+def sft(ctx: DemoContext) -> dict:
+    save = ctx.dir("sft") / "ckpt"
+    ctx.torchrun("tiny_sft", _train_overrides(ctx, save, ctx.cfg.sft_iters) + [f"init_from={ctx.out / 'pretrain' / 'ckpt'}"], "sft")
+    return {"checkpoint": str(save), **_metrics_summary(save)}
+
+
+def _metrics_summary(save_dir: Path) -> dict:
+    path = Path(save_dir) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l]
+    return {"first_loss": recs[0]["train_loss"], "last_loss": recs[-1]["train_loss"],
+            "tokens_per_s": recs[-1].get("throughput_tokens_per_s")}
+
+
+def _artifacts(ctx: DemoContext) -> list[str]:
+    return ["--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"),
+            "--image-tokenizer", image_tokenizer_path(ctx), "--decoder", decoder_path(ctx)]
+
+
+def decoder_path(ctx: DemoContext) -> str:
+    return str(ctx.out / "decoder" / "export")
+
+
+def _evaluate(ctx: DemoContext, ckpt: Path, name: str) -> dict:
+    cfg = ctx.cfg
+    out = ctx.dir(name)
+    ctx.run([sys.executable, "-m", "megatron_xomni.inference.evaluate_policy", "--ckpt", str(ckpt), *_artifacts(ctx),
+             "--out", str(out), "--per-skill", str(cfg.eval_per_skill), "--samples", str(cfg.eval_samples),
+             "--size", str(cfg.image_size), "--decoder-steps", str(cfg.decoder_sample_steps), "--seed", str(cfg.seed + 2024)],
+            name)
+    return json.loads((out / "eval.json").read_text())
+
+
+def eval_sft(ctx: DemoContext) -> dict:
+    return _evaluate(ctx, ctx.out / "sft" / "ckpt", "eval_sft")
+
+
+def grpo(ctx: DemoContext) -> dict:
+    cfg = ctx.cfg
+    save = ctx.dir("grpo") / "ckpt"
+    ctx.torchrun("tiny_grpo", [
+        f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={ctx.out / 'text_tokenizer' / 'tokenizer'}",
+        f"image_tokenizer={image_tokenizer_path(ctx)}", f"decoder={decoder_path(ctx)}", f"save_dir={save}",
+        f"steps={cfg.grpo_steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
+        f"grpo.micro_batch_size={cfg.grpo_group}",
+        f"decoder_steps={cfg.decoder_sample_steps}", f"image_height={cfg.image_size}", f"image_width={cfg.image_size}",
+        f"seed={cfg.seed}", f"save_interval={max(cfg.grpo_steps // 4, 1)}",
+    ], "grpo")
+    recs = [json.loads(l) for l in (save / "metrics.jsonl").read_text().splitlines() if l]
+    return {"checkpoint": str(save), "first_reward": recs[0]["reward_mean"], "last_reward": recs[-1]["reward_mean"]}
+
+
+def eval_grpo(ctx: DemoContext) -> dict:
+    return _evaluate(ctx, ctx.out / "grpo" / "ckpt", "eval_grpo")
+
+
+def _curve(ax, path: Path, key: str, label: str) -> None:
+    if path.exists():
+        recs = [json.loads(l) for l in path.read_text().splitlines() if l]
+        pts = {r["iteration"]: r[key] for r in recs if key in r}
+        ax.plot(list(pts), list(pts.values()), label=label)
+
+
+def make_bundle(ctx: DemoContext) -> Path:
+    """`<out>/bundle`: the GRPO policy and its frozen parts in the layout `xomni generate --bundle` reads."""
+    bundle = ctx.dir("bundle")
+    parts = {"model": ctx.out / "grpo" / "ckpt", "text_tokenizer": ctx.out / "text_tokenizer" / "tokenizer",
+             "image_tokenizer": Path(image_tokenizer_path(ctx)), "decoder": Path(decoder_path(ctx))}
+    for name, target in parts.items():
+        link = bundle / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    return bundle
+
+
+def report(ctx: DemoContext) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_xomni.evaluation.world_bench import markdown_table
+
+    out = ctx.out
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    _curve(axes[0], out / "pretrain" / "ckpt" / "metrics.jsonl", "train_loss", "pre-train")
+    _curve(axes[0], out / "sft" / "ckpt" / "metrics.jsonl", "train_loss", "SFT")
+    axes[0].set(title="AR model loss", xlabel="step", ylabel="loss")
+    axes[0].legend()
+    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_mean", "mean reward")
+    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_max", "max reward")
+    axes[1].set(title="GRPO reward", xlabel="step", ylabel="reward")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    sft, rl = json.loads((out / "eval_sft" / "eval.json").read_text()), json.loads((out / "eval_grpo" / "eval.json").read_text())
+    beats = rl["mean_reward"] > sft["best_of_n_reward"]
+    n = sft["samples_per_prompt"]
+    timings = "\n".join(f"| {k} | {v:.0f} |" for k, v in ctx.timings.items())
+    text = f"""# megatron-xomni tiny pipeline report
+
+Built-in world, {ctx.cfg.image_size} px images ({ctx.cfg.image_size // 16}x{ctx.cfg.image_size // 16} image tokens), all on CPU.
+Seeds: data {ctx.cfg.seed}, evaluation sampling {sft['seed']} (the same prompts and seeds for both policies).
+Evaluation: {sft['num_prompts']} held-out prompts x {n} samples each (T=1.0, min-p 0.03), scored by the world detector.
+
+## Reward: GRPO vs SFT (the paper's claim: RL beats SFT best-of-N)
+
+| policy | mean single-sample reward | best-of-{n} reward |
+|---|---|---|
+| SFT | {sft['mean_reward']:.3f} | {sft['best_of_n_reward']:.3f} |
+| GRPO | {rl['mean_reward']:.3f} | {rl['best_of_n_reward']:.3f} |
+
+GRPO's mean single-sample reward {'**beats**' if beats else '**does not beat**'} SFT best-of-{n}
+({rl['mean_reward']:.3f} vs {sft['best_of_n_reward']:.3f}).
+
+Rendering ceiling: the held-out prompts' *ground-truth* images, encoded by the frozen tokenizer and
+rendered by the frozen decoder, score {sft.get('ground_truth_codes_reward', float('nan')):.3f}; ground-truth pixels score 1.0.
+A policy's images cannot score above what the tokenizer + decoder can render.
+
+## Accuracy per skill (GenEval-style: all checks of a prompt must pass)
+
+{markdown_table({'SFT': {'per_skill': sft['per_skill'], 'overall': sft['accuracy']}, 'GRPO': {'per_skill': rl['per_skill'], 'overall': rl['accuracy']}})}
+
+## Curves
+
+![curves](curves.png)
+
+## Samples (first column: a ground-truth world image for the prompt; then policy samples)
+
+| SFT | GRPO |
+|---|---|
+| ![sft](eval_sft/samples.png) | ![grpo](eval_grpo/samples.png) |
+
+## Try it
+
+    xomni generate --bundle {out / 'bundle'} --prompt "a photo of two red circles" --size 64x64 --out {out / 'generated'}
+
+## Wall time per stage (seconds, this machine)
+
+| stage | seconds |
+|---|---|
+{timings}
+"""
+    (out / "report.md").write_text(text)
+    make_bundle(ctx)
+    return {"grpo_beats_sft_best_of_n": beats, "sft": sft["mean_reward"], "sft_best_of_n": sft["best_of_n_reward"],
+            "grpo": rl["mean_reward"]}
+
+
+def decoder(ctx: DemoContext) -> dict:
+    cfg = ctx.cfg
+    d = ctx.dir("decoder")
+    ctx.run([sys.executable, "-m", "megatron_xomni.training.flux_decoder", "--steps", str(cfg.decoder_steps),
+             "--image-size", str(cfg.image_size), "--out-dir", str(d), "--tokenizer", image_tokenizer_path(ctx),
+             "--seed", str(cfg.seed), "--variant", "image", "--sample-steps", str(cfg.decoder_sample_steps),
+             "--ckpt-every", str(max(cfg.decoder_steps // 4, 1)), "--lr", "2e-3", "--warmup-steps", "20",
+             "--vae-fit-steps", str(cfg.vae_fit_steps)], "decoder")
+    return {"export": decoder_path(ctx)}
+
+
+ALL = ["corpus", "text_tokenizer", "image_tokenizer", "tokenize", "pretrain", "sft", "decoder",
+       "eval_sft", "grpo", "eval_grpo", "report"]

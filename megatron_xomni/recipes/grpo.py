@@ -1,0 +1,43 @@
+"""GRPO recipes (X-Omni section 5): G = 16, lr 1e-6, beta = 0.01, 200 steps, batch 512."""
+
+from megatron_xomni.models.xomni import model_preset
+from megatron_xomni.parallel import ParallelConfig
+from megatron_xomni.recipes import recipe
+from megatron_xomni.rl.grpo import GRPOConfig
+from megatron_xomni.inference.sampling import SamplingConfig
+from megatron_xomni.rl.trainer import GRPORunConfig
+from megatron_xomni.training.optim import OptimConfig
+
+
+@recipe
+def xomni_7b_grpo() -> GRPORunConfig:
+    """X-Omni's RL stage: 32 prompts x G=16 = 512 samples/step, 200 steps, lr 1e-6, k3 KL beta 0.01.
+
+    Rollouts run in the training layout (TP=4 per node group, DP over the rest; no SP while decoding).
+    Clip epsilon is not disclosed by the paper; 0.2 on both sides is the usual default.
+    """
+    return GRPORunConfig(
+        name="xomni_7b_grpo", model=model_preset("xomni_7b"), parallel=ParallelConfig(tensor_parallel=4),
+        optim=OptimConfig(lr=1e-6, min_lr=1e-6, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True),
+        grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.2, kl_beta=0.01, loss_aggregation="sequence"),
+        sampling=SamplingConfig(temperature=1.0, min_p=0.03), group_size=16, prompts_per_step=32, steps=200,
+        image_height=384, image_width=384, init_from="runs/xomni_7b_sft", decoder_steps=28,
+        text_tokenizer="ckpt/qwen2.5-tokenizer", image_tokenizer="ckpt/siglip-vq", decoder="ckpt/xomni-decoder",
+        save_dir="runs/xomni_7b_grpo",
+    )
+
+
+@recipe
+def tiny_grpo() -> GRPORunConfig:
+    """The tiny CPU analogue on the built-in world (64 px = 4x4 codes); paths set by the demo."""
+    return GRPORunConfig(
+        name="tiny_grpo", model=model_preset("tiny"),
+        optim=OptimConfig(lr=1e-4, min_lr=1e-4, weight_decay=0.0, clip_grad=1.0),
+        grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_beta=0.01, loss_aggregation="sequence",
+                        micro_batch_size=8),
+        sampling=SamplingConfig(temperature=1.0, min_p=0.03), group_size=8, prompts_per_step=8, steps=20,
+        image_height=64, image_width=64, decoder_steps=8, rewards={"world_alignment": 1.0},
+        prompt_skills=["single_object", "two_objects", "counting", "colors", "position", "color_attr"],
+        init_from="runs/tiny/sft", text_tokenizer="runs/tiny/text_tokenizer", image_tokenizer="runs/tiny/image_tokenizer",
+        decoder="runs/tiny/decoder", save_dir="runs/tiny/grpo", save_interval=5,
+    )

@@ -1,0 +1,32 @@
+"""The README's main job, shortened (`--smoke`): every stage runs, the report is written, and a
+rerun resumes (skips every finished stage)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "megatron_xomni.cli", "demo", "--out", str(out), "--smoke"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    from megatron_xomni.demo.stages import ALL
+
+    for stage in ALL:
+        assert (out / stage / "DONE.json").exists(), stage
+    for f in ["report.md", "curves.png", "eval_sft/eval.json", "eval_grpo/eval.json", "eval_sft/samples.png"]:
+        assert (out / f).stat().st_size > 0, f
+    report = (out / "report.md").read_text()
+    assert "best-of-2" in report and "| **overall** |" in report
+    for part in ["model", "text_tokenizer", "image_tokenizer", "decoder"]:  # `xomni generate --bundle`
+        assert (out / "bundle" / part).is_dir(), part
+    sft = json.loads((out / "eval_sft" / "eval.json").read_text())
+    assert 0.0 <= sft["mean_reward"] <= sft["best_of_n_reward"] <= 1.0
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert again.stdout.count("already done") == len(ALL)
