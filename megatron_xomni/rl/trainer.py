@@ -149,13 +149,9 @@ class GRPOTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _sharded(self, is_loading=False) -> dict:
-        from megatron_xomni.training.step import model_sharded_state_dict
+        from megatron_xomni.training.step import train_state_sharded_dict
 
-        model = model_sharded_state_dict(self.chunks)
-        flat = {}
-        for v in model.values():
-            flat.update(v)
-        return {**model, "optimizer": self.optimizer.sharded_state_dict(flat, is_loading=is_loading)}
+        return train_state_sharded_dict(self.chunks, self.optimizer, is_loading=is_loading)
 
     def save(self) -> None:
         from megatron_xomni.checkpointing import save_checkpoint
@@ -168,7 +164,7 @@ class GRPOTrainer:
     def _maybe_resume(self) -> None:
         from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
                                                   read_metadata, resolve_checkpoint)
-        from megatron_xomni.training.step import load_model_state
+        from megatron_xomni.training.step import load_train_state
 
         if latest_iteration(self.cfg.save_dir) is None:
             return
@@ -177,8 +173,7 @@ class GRPOTrainer:
         if state["reference"] != self.reference_identity:
             raise ValueError(f"{path} was trained against reference {state['reference']}, not {self.reference_identity}")
         loaded = load_checkpoint(path, self._sharded(is_loading=True))
-        load_model_state(self.chunks, loaded)
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        load_train_state(self.chunks, self.optimizer, loaded)
         self.step = state["step"]
         rs = load_rank_state(path)
         if rs is not None:

@@ -102,22 +102,100 @@ def forward_logits(chunks: list, microbatches: list[dict], pg_collection) -> lis
     return list(store or [])
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
-    """{'model': ...} (or model0, model1, ... with virtual pipeline stages) for dist-ckpt."""
-    def unwrap(m):
-        return m.module if hasattr(m, "module") and not hasattr(m, "model_cfg") else m
+def _unwrap(m):
+    return m.module if hasattr(m, "module") and not hasattr(m, "model_cfg") else m
 
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+def _chunk_keys(chunks: list) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def model_sharded_state_dict(chunks: list, metadata: dict | None = None) -> dict:
+    """{'model': ...} (or model0, model1, ... with virtual pipeline stages) for dist-ckpt."""
+    return {k: _unwrap(c).sharded_state_dict(metadata=metadata) for k, c in zip(_chunk_keys(chunks), chunks)}
+
+
+# The distributed optimizer's default checkpoint format (fully_sharded_model_space) is refused by
+# megatron-core 0.16.1's own saver, and `dp_reshardable` restores a wrong Adam step and reshards
+# over DP only. `fully_reshardable` stores each optimizer tensor in model space (the shape of its
+# parameter), so one checkpoint loads at any TP/PP/DP - the same format the plain optimizer writes.
+OPTIMIZER_CHECKPOINT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,  # same keys whether or not megatron chains sub-optimizers
+}
+
+
+def train_state_sharded_dict(chunks: list, optimizer, is_loading: bool = False) -> dict:
+    """Model + optimizer sharded state dict of a training checkpoint.
+
+    The model keeps megatron-core's stacked layer tensors (`decoder.layers.<name>` of shape
+    [num_layers, ...]), which every loader reads. The optimizer state is keyed per layer
+    (`decoder.layers.<global index>.<name>`, megatron-core's non-homogeneous layout): with frozen
+    layers (PT-1) only some layers have optimizer state, and a stacked tensor that is only partly
+    written is an invalid access pattern for dist-ckpt. The global index makes it PP/VPP-independent.
+    """
+    state = model_sharded_state_dict(chunks)
+    per_layer = model_sharded_state_dict(chunks, metadata={"non_homogeneous_layers": True})
+    if is_loading:
+        _materialize_adam_state(optimizer)
+    state["optimizer"] = optimizer.sharded_state_dict(per_layer, is_loading=is_loading,
+                                                      metadata=dict(OPTIMIZER_CHECKPOINT_METADATA))
+    return state
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer]) if o.optimizer is not None]
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Adam creates its state lazily at the first step, but the distributed optimizer's load path reads
+    the (empty) state to build its request: give every parameter zero moments and a step counter."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                st.setdefault("step", torch.tensor(0.0))
+
+
+def _load_optimizer(optimizer, state) -> None:
+    """optimizer.load_state_dict, around two megatron-core 0.16.1 defects of the distributed optimizer
+    with torch's Adam (no Transformer Engine / Apex, so `step` lives in each parameter's state):
+    the fully_reshardable loader copies every state key, `step` included, from a source that has no
+    `step` (KeyError), and one `step` tensor is shared by every parameter, which torch's Adam then
+    increments once per parameter per step. The step is restored from the param groups as usual."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    states = [state] if len(opts) == 1 else [v for _, v in sorted(state.items())]
+    for opt, sd in zip(opts, states):
+        if isinstance(opt, DistributedOptimizer) and sd.get("param_state_sharding_type") == "fully_reshardable":
+            sd = dict(sd)
+            param_state = sd.pop("param_state")
+            sd.pop("param_state_sharding_type")
+            opt.load_state_dict(sd)  # param groups, step, grad scaler
+            steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+            for p, step in steps.items():
+                opt.optimizer.state[p]["step"] = step
+        else:
+            opt.load_state_dict(sd)
+    if len(opts) > 1:
+        optimizer._synchronize_steps()
+    for inner in _inner_optimizers(optimizer):
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
+def load_train_state(chunks: list, optimizer, loaded: dict) -> None:
+    """Restore model and optimizer from a loaded `train_state_sharded_dict`."""
+    load_model_state(chunks, loaded)
+    _load_optimizer(optimizer, loaded["optimizer"])
 
 
 def load_model_state(chunks: list, loaded: dict) -> None:
-    def unwrap(m):
-        return m.module if hasattr(m, "module") and not hasattr(m, "model_cfg") else m
-
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=False)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=False)
+    for key, chunk in zip(_chunk_keys(chunks), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=False)

@@ -194,13 +194,9 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _sharded_state(self, is_loading: bool = False) -> dict:
-        from megatron_xomni.training.step import model_sharded_state_dict
+        from megatron_xomni.training.step import train_state_sharded_dict
 
-        model = model_sharded_state_dict(self.chunks)
-        flat = {}
-        for v in model.values():
-            flat.update(v)
-        return {**model, "optimizer": self.optimizer.sharded_state_dict(flat, is_loading=is_loading)}
+        return train_state_sharded_dict(self.chunks, self.optimizer, is_loading=is_loading)
 
     def save(self) -> Path:
         from megatron.core import tensor_parallel
@@ -229,7 +225,7 @@ class Trainer:
 
         from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
                                                   read_metadata, resolve_checkpoint)
-        from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+        from megatron_xomni.training.step import load_model_state, load_train_state, model_sharded_state_dict
 
         cfg = self.cfg
         if latest_iteration(cfg.save_dir) is not None:
@@ -239,8 +235,7 @@ class Trainer:
                 raise TrainingError(f"checkpoint {path} was saved with another model config: use a new save_dir")
             t0 = time.perf_counter()
             loaded = load_checkpoint(path, self._sharded_state(is_loading=True))
-            load_model_state(self.chunks, loaded)
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            load_train_state(self.chunks, self.optimizer, loaded)
             ts = read_metadata(path, "trainer_state")
             self.scheduler.load_state_dict(ts.pop("scheduler"))
             self.state = TrainerState(**ts)
