@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "pillow",
     "webdataset",
     "matplotlib",
+    "scipy",  # scaling-law fits (L-BFGS-B, bounded scalar minimisation)
     "rapidocr",  # ships PP-OCR models in its wheel
     "opencv-python-headless",  # world detector
     "onnxruntime",
