@@ -165,3 +165,16 @@ def test_fit_table_fits_text_and_image_loss_separately(tmp_path):
         assert f"| alpha | {fit.approach3.alpha.value:.4g} ({fit.approach3.alpha.low:.4g} – " in summary
         assert f"a = {fit.approach2.a.value:.3f} ({fit.approach2.a.low:.3f}" in summary
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_bad_runs_are_refused_in_one_line():
+    runs = _sweep(0)
+    runs[4] = Run(params=runs[4].params, tokens=runs[4].tokens, flops=runs[4].flops, loss=float("nan"),
+                  budget=runs[4].budget, name="broken")
+    for fit in (fit_approach3, fit_approach2):
+        with pytest.raises(ValueError, match=r"^run broken has a non-positive or non-finite .* drop it"):
+            fit(runs, n_bootstrap=2)
+    with pytest.raises(ValueError, match="needs >= 6 runs"):
+        fit_approach3(_sweep(0)[:5])
+    with pytest.raises(ValueError, match=r"confidence=1.5 must be in \(0, 1\)"):
+        fit_approach3(_sweep(0), confidence=1.5)
