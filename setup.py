@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "pillow",
     "webdataset",
     "matplotlib",
+    "scipy",  # scaling-law fits (L-BFGS-B, bounded scalar minimisation)
+    "threadpoolctl",  # single-threaded BLAS in the fits (threaded OpenBLAS: 35x slower)
     "rapidocr",  # ships PP-OCR models in its wheel
     "opencv-python-headless",  # world detector
     "onnxruntime",
