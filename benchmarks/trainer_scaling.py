@@ -23,7 +23,7 @@ from megatron_xomni.parallel.init import free_port
 def run(nproc, root, save, iters, extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "megatron_xomni.train", "tiny_pt", f'data.blend=["{root}/syn"]', f"data.cache_dir={root}/cache",
-           f"save_dir={root}/{save}", f"train_iters={iters}", "log_interval=5", f"save_interval={iters // 2}",
+           f"save_dir={root}/{save}", f"steps={iters}", "log_interval=5", f"save_interval={iters // 2}",
            "data.global_batch_size=16", "data.micro_batch_size=8", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": str(2 // nproc), **__import__("os").environ})
     if out.returncode:

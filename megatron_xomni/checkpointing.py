@@ -7,6 +7,11 @@ Layout of a checkpoint root:
 A save writes `iter_N.tmp/`, renames it to `iter_N/` only after every rank finished, and only
 then rewrites the `latest` file (write + os.replace). A crash at any point leaves `latest`
 pointing at the previous complete checkpoint; stale `.tmp` folders are removed on the next save.
+Saving an iteration that already exists (a resumed run saving its start step again) first moves
+the old folder aside to `iter_N.old`; a crash before the new one is in place leaves `latest`
+naming a missing `iter_N`, and `resolve_checkpoint` puts `iter_N.old` back (saying so in one line).
+
+Loading goes through `megatron_xomni.safe_loading`: no checkpoint file can run code.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -54,16 +59,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _queue_server_init() -> None:
+    """Runs in the results-queue server process: it must die with the trainer that started it.
+
+    Forked from the trainer, it inherits the trainer's SIGTERM/SIGUSR1 handlers (which only set a
+    flag), so it would ignore a scheduler's TERM and outlive a SIGKILLed trainer as an orphan holding
+    gigabytes. Restore the default handlers and ask the kernel to kill it when its parent dies."""
+    import ctypes
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which shuts this down
+    try:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the default handlers still end it on TERM
+        pass
+
+
 def _fork_results_queue() -> None:
     """megatron-core's async file writer makes its results queue with a *spawn* Manager, which
     re-imports the launching script (a fresh interpreter, 5-16 s, and a crash in scripts without
-    a __main__ guard). A fork-context Manager serves the same queue in ~0.2 s."""
+    a __main__ guard). A fork-context Manager serves the same queue in ~0.2 s; its server process
+    dies with the trainer (see _queue_server_init)."""
     import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(initializer=_queue_server_init)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._xomni_queue_manager = manager  # keep it alive as long as the queue
 
 
 def save_checkpoint(
@@ -73,13 +102,17 @@ def save_checkpoint(
     metadata: Optional[dict[str, dict]] = None,
     keep_last: Optional[int] = None,
     per_rank: Optional[dict] = None,
+    before_publish: Optional[Callable[[], None]] = None,
 ) -> Path:
     """Collective: every rank calls it with its sharded state dict. Returns the final folder.
 
     `per_rank` (tensors/dicts, e.g. RNG states) is written by each rank to
-    `rank_state/<rank>.pt` inside the same atomic folder."""
+    `rank_state/<rank>.pt` inside the same atomic folder. `before_publish` runs on every rank once
+    its files are written, before the folder is published (fault-injection tests)."""
     from megatron.core import dist_checkpointing
 
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r} must be None (keep all) or >= 1")
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -94,20 +127,37 @@ def save_checkpoint(
     if per_rank is not None:
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save(per_rank, tmp / "rank_state" / f"{_rank()}.pt")
+    if before_publish is not None:
+        before_publish()
     _barrier()
     if _rank() == 0:
         for name, payload in (metadata or {}).items():
             (tmp / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # re-saving an iteration: keep the old copy until the new one is published
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _atomic_write_text(root / LATEST, str(iteration))
+        shutil.rmtree(old, ignore_errors=True)
         if keep_last:
-            done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(root, keep_last)
     _barrier()
     return final
+
+
+def complete_iterations(root) -> list[Path]:
+    """Published iteration folders, oldest first."""
+    return sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def prune(root, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` published iterations; never the one `latest` names."""
+    keep = latest_iteration(root)
+    done = complete_iterations(root)
+    for old in done[:-keep_last]:
+        if keep is None or old != iteration_dir(root, keep):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(ckpt_dir, name: str) -> Optional[dict]:
@@ -125,6 +175,15 @@ def resolve_checkpoint(root, iteration: Optional[int] = None) -> Path:
                 f"no checkpoint in {root}: {LATEST} is missing (convert or train one first)"
             )
     path = iteration_dir(root, iteration)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir() and latest_iteration(root) == iteration:
+        # a re-save of this iteration was killed between moving the old copy aside and publishing;
+        # every rank may get here (before process groups exist): the rename is atomic, one wins
+        try:
+            os.replace(old, path)
+            print(f"[xomni] restored {path} from {old.name} (a save of it was interrupted)", flush=True)
+        except FileNotFoundError:
+            pass
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path/iteration")
     return path
@@ -138,6 +197,10 @@ def load_checkpoint(ckpt_dir, sharded_state_dict: dict, partial: bool = False) -
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from megatron_xomni import safe_loading
+
+    safe_loading.install()
+    safe_loading.check_metadata(ckpt_dir)
     return dist_checkpointing.load(
         sharded_state_dict,
         str(ckpt_dir),

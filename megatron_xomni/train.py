@@ -6,9 +6,10 @@ Exit codes: 0 finished, 3 preempted and checkpointed (requeue me), 2 bad config/
 
 from __future__ import annotations
 
+import os
 import sys
 
-from megatron_xomni.training.trainer import EXIT_REQUEUE, TrainingError  # noqa: F401  (re-exported)
+from megatron_xomni.training.trainer import EXIT_REQUEUE, InputError, TrainingError  # noqa: F401  (re-exported)
 
 EXIT_CONFIG = 2
 
@@ -32,8 +33,9 @@ def main(argv=None) -> int:
             return train_grpo(cfg)
         return train(cfg)
     except (ValueError, FileNotFoundError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG if not isinstance(e, TrainingError) else 1
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
+            print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        return EXIT_CONFIG if not isinstance(e, TrainingError) or isinstance(e, InputError) else 1
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def _blend(ctx: DemoContext) -> tuple[list, int]:
 def _train_overrides(ctx: DemoContext, save_dir: Path, iters: int) -> list[str]:
     blend, eod = _blend(ctx)
     return [f"data.blend={json.dumps(blend)}", f"data.eod_id={eod}", f"save_dir={save_dir}",
-            f"data.cache_dir={ctx.out / 'tokens' / 'cache'}", f"train_iters={iters}", f"seed={ctx.cfg.seed}",
+            f"data.cache_dir={ctx.out / 'tokens' / 'cache'}", f"steps={iters}", f"seed={ctx.cfg.seed}",
             f"save_interval={max(iters // 4, 1)}", f"log_interval={max(iters // 20, 1)}"]
 
 

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from typing import Callable
 
-from megatron_xomni.training.config import apply_overrides
+from megatron_xomni.dataclass_utils import apply_overrides
 
 _REGISTRY: dict[str, Callable] = {}
 

@@ -13,10 +13,10 @@ def tiny_pt() -> RunConfig:
         name="tiny_pt",
         model=model_preset("tiny"),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
-        schedule=ScheduleConfig(style="cosine", warmup_iters=10),
+        schedule=ScheduleConfig(style="cosine", warmup_steps=10),
         data=DataConfig(blend=["runs/tiny/data/world"], seq_length=64, micro_batch_size=8,
                         global_batch_size=16, eod_id=1),
-        train_iters=200, save_interval=50, log_interval=10, save_dir="runs/tiny/pt",
+        steps=200, save_interval=50, log_interval=10, save_dir="runs/tiny/pt",
         peak_tflops=1.0,  # a CPU, not an H100: MFU is then "of 1 TFLOP/s"
     )
 
@@ -36,8 +36,8 @@ def tiny_sft() -> RunConfig:
     cfg = tiny_pt()
     cfg.name, cfg.save_dir, cfg.init_from = "tiny_sft", "runs/tiny/sft", "runs/tiny/pt"
     cfg.optim.lr, cfg.optim.min_lr = 1e-3, 0.0
-    cfg.schedule = ScheduleConfig(style="cosine", warmup_iters=0)
+    cfg.schedule = ScheduleConfig(style="cosine", warmup_steps=0)
     cfg.data.pack_documents = True
     cfg.data.blend = ["runs/tiny/data/world_sft"]
-    cfg.train_iters = 100
+    cfg.steps = 100
     return cfg

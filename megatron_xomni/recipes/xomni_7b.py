@@ -20,7 +20,7 @@ def _base(name: str) -> RunConfig:
         parallel=ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=2),
         optim=OptimConfig(lr=1e-4, min_lr=1e-4, weight_decay=0.1, clip_grad=1.0,
                           use_distributed_optimizer=True, overlap_grad_reduce=True),
-        schedule=ScheduleConfig(style="constant", warmup_iters=500),
+        schedule=ScheduleConfig(style="constant", warmup_steps=500),
         data=DataConfig(blend=["data/xomni/generation"], seq_length=16384, micro_batch_size=1,
                         global_batch_size=256, eod_id=151643),
         precision="bf16", save_interval=500, log_interval=10, keep_last=3,
@@ -32,7 +32,7 @@ def _base(name: str) -> RunConfig:
 def xomni_7b_pt1() -> RunConfig:
     """PT-1: vision blocks + image embeddings/norm/head only, generation data, 10K steps, 1e-4 const."""
     cfg = _base("xomni_7b_pt1")
-    cfg.trainable, cfg.train_iters = "vision", 10_000
+    cfg.trainable, cfg.steps = "vision", 10_000
     return cfg
 
 
@@ -40,7 +40,7 @@ def xomni_7b_pt1() -> RunConfig:
 def xomni_7b_pt2() -> RunConfig:
     """PT-2: everything, generation + understanding, 150K steps (629B tokens), 1e-4 const."""
     cfg = _base("xomni_7b_pt2")
-    cfg.train_iters, cfg.init_from = 150_000, "runs/xomni_7b_pt1"
+    cfg.steps, cfg.init_from = 150_000, "runs/xomni_7b_pt1"
     cfg.data.blend = [0.86, "data/xomni/generation", 0.14, "data/xomni/understanding"]
     return cfg
 
@@ -50,9 +50,9 @@ def xomni_7b_pt3() -> RunConfig:
     """PT-3: 42B filtered tokens (~10K steps), LR annealed with warmup-stable-decay."""
     cfg = xomni_7b_pt2()
     cfg.name, cfg.save_dir, cfg.init_from = "xomni_7b_pt3", "runs/xomni_7b_pt3", "runs/xomni_7b_pt2"
-    cfg.train_iters = 10_000
+    cfg.steps = 10_000
     cfg.optim.min_lr = 0.0
-    cfg.schedule = ScheduleConfig(style="WSD", warmup_iters=0, wsd_decay_iters=10_000, wsd_decay_style="cosine")
+    cfg.schedule = ScheduleConfig(style="WSD", warmup_steps=0, wsd_decay_steps=10_000, wsd_decay_style="cosine")
     cfg.data.blend = ["data/xomni/pt3_filtered"]
     return cfg
 
@@ -61,9 +61,9 @@ def xomni_7b_pt3() -> RunConfig:
 def xomni_7b_sft() -> RunConfig:
     """SFT: 1.5B packed tokens, batch 64 x 16,384, LR 1e-5 -> 0."""
     cfg = _base("xomni_7b_sft")
-    cfg.init_from, cfg.train_iters = "runs/xomni_7b_pt3", 1_500
+    cfg.init_from, cfg.steps = "runs/xomni_7b_pt3", 1_500
     cfg.optim.lr, cfg.optim.min_lr = 1e-5, 0.0
-    cfg.schedule = ScheduleConfig(style="cosine", warmup_iters=50)
+    cfg.schedule = ScheduleConfig(style="cosine", warmup_steps=50)
     cfg.data.global_batch_size, cfg.data.pack_documents = 64, True
     cfg.data.blend = ["data/xomni/sft"]
     return cfg

@@ -22,6 +22,7 @@ import torch
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
+from megatron_xomni.training import faults
 from megatron_xomni.inference.sampling import SamplingConfig
 from megatron_xomni.training.optim import OptimConfig
 
@@ -65,8 +66,18 @@ class GRPORunConfig:
     log_interval: int = 1
     log_images: int = 8
     """Sample images written to TensorBoard per log step (rank 0)."""
+    debug_kill: str = ""
+    """Testing aid: SIGKILL this process at POINT:STEP[@RANK] (training/faults.py), e.g. in_save:2."""
 
     def validate(self, world_size: int) -> None:
+        from megatron_xomni.dataclass_utils import check_numbers
+
+        check_numbers({"steps": self.steps, "save_interval": self.save_interval, "log_interval": self.log_interval,
+                       "group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
+                       "decoder_steps": self.decoder_steps, "image_height": self.image_height,
+                       "image_width": self.image_width}, 1)
+        check_numbers({"keep_last": self.keep_last}, 1, optional=True)
+        faults.parse(self.debug_kill)
         for name, v in (("image_height", self.image_height), ("image_width", self.image_width)):
             if v % 16:
                 raise ValueError(f"{name}={v} is not a multiple of 16 (one image token = 16 px): use {v // 16 * 16 or 16}")
@@ -158,8 +169,10 @@ class GRPOTrainer:
 
         meta = {"model_config": self.cfg.model.to_dict(), "run_config": self.cfg.to_dict(),
                 "trainer_state": {"step": self.step, "reference": self.reference_identity}}
-        save_checkpoint(self.cfg.save_dir, self.step, self._sharded(), meta, keep_last=self.cfg.keep_last,
-                        per_rank={"torch_rng": torch.get_rng_state()})
+        step = self.step
+        save_checkpoint(self.cfg.save_dir, step, self._sharded(), meta, keep_last=self.cfg.keep_last,
+                        per_rank={"torch_rng": torch.get_rng_state()},
+                        before_publish=lambda: faults.fire("in_save", step, self.cfg.debug_kill))
 
     def _maybe_resume(self) -> None:
         from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
@@ -269,6 +282,7 @@ class GRPOTrainer:
 
                     grid = np.concatenate([np.asarray(im) for im in self._images], axis=1)
                     self.logger.writer.add_image("samples", grid, self.step, dataformats="HWC")
+            faults.fire("after_step", self.step, cfg.debug_kill)
             preempted = preempt.agreed()
             if preempted or self.step % cfg.save_interval == 0 or self.step == cfg.steps:
                 self.save()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
+from megatron_xomni.dataclass_utils import apply_overrides, check_numbers  # noqa: F401  (apply_overrides re-exported)
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.training.optim import OptimConfig
@@ -25,11 +25,11 @@ class ScheduleConfig:
 
     style: str = "constant"
     """constant | cosine | linear | WSD (warmup-stable-decay, for annealing)."""
-    warmup_iters: int = 0
+    warmup_steps: int = 0
     """Linear warmup steps."""
-    decay_iters: Optional[int] = None
-    """Steps over which the LR decays (default: train_iters)."""
-    wsd_decay_iters: int = 0
+    decay_steps: Optional[int] = None
+    """Steps over which the LR decays (default: steps)."""
+    wsd_decay_steps: int = 0
     """WSD only: length of the final decay phase."""
     wsd_decay_style: str = "linear"
     """WSD only: shape of the final decay (linear | cosine | exponential | minus_sqrt)."""
@@ -57,6 +57,9 @@ class DataConfig:
     """SFT packing: positions restart and attention stays inside each document."""
     cache_dir: Optional[str] = None
     """Where megatron-core caches its sample indices (default: beside the data)."""
+    allow_plan_change: bool = False
+    """Resume even though blend, seq_length, split, packing, ids, seed or global batch changed
+    (otherwise refused: they change which samples every step reads; see training/resume.py)."""
 
 
 @dataclass
@@ -70,7 +73,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train_iters: int = 1000
+    steps: int = 1000
     """Optimizer steps to run."""
     seed: int = 1234
     """Seed of initialisation, data order and dropout."""
@@ -100,6 +103,8 @@ class RunConfig:
     """Stop (after a checkpoint) when this many steps in a row have a NaN/Inf loss or gradient."""
     debug_inject_nonfinite_steps: list = field(default_factory=list)
     """Testing aid: poison the gradients at these (1-based) steps to exercise NaN skipping."""
+    debug_kill: str = ""
+    """Testing aid: SIGKILL this process at POINT:STEP[@RANK] (training/faults.py), e.g. in_save:4."""
 
     # ---- derived & validation ----------------------------------------------------------
     def num_microbatches(self, world_size: int) -> int:
@@ -114,6 +119,32 @@ class RunConfig:
 
     def validate(self, world_size: int, have_te_attention: bool = False) -> None:
         """One-line ValueError naming the fix for any inconsistent setting."""
+        check_numbers({"steps": self.steps, "save_interval": self.save_interval, "log_interval": self.log_interval,
+                       "eval_iters": self.eval_iters, "data.seq_length": self.data.seq_length,
+                       "data.micro_batch_size": self.data.micro_batch_size,
+                       "data.global_batch_size": self.data.global_batch_size,
+                       "max_consecutive_nonfinite": self.max_consecutive_nonfinite}, 1)
+        check_numbers({"keep_last": self.keep_last, "schedule.decay_steps": self.schedule.decay_steps}, 1, optional=True)
+        check_numbers({"eval_interval": self.eval_interval, "schedule.warmup_steps": self.schedule.warmup_steps,
+                       "schedule.wsd_decay_steps": self.schedule.wsd_decay_steps}, 0)
+        check_numbers({"optim.lr": self.optim.lr, "optim.min_lr": self.optim.min_lr,
+                       "optim.weight_decay": self.optim.weight_decay, "optim.clip_grad": self.optim.clip_grad,
+                       "optim.adam_eps": self.optim.adam_eps}, 0, integer=False)
+        s = self.schedule
+        if s.warmup_steps and s.warmup_steps >= self.steps:
+            raise ValueError(f"schedule.warmup_steps={s.warmup_steps} must be smaller than steps={self.steps}: "
+                             "lower the warmup or raise steps")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr={self.optim.min_lr} exceeds optim.lr={self.optim.lr}: lower min_lr")
+        if s.style == "WSD" and s.wsd_decay_steps > (s.decay_steps or self.steps):
+            raise ValueError(f"schedule.wsd_decay_steps={s.wsd_decay_steps} exceeds the decay length "
+                             f"{s.decay_steps or self.steps}: shorten it")
+        for name, beta in (("optim.adam_beta1", self.optim.adam_beta1), ("optim.adam_beta2", self.optim.adam_beta2)):
+            if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}={beta!r} must be in [0, 1)")
+        from megatron_xomni.training import faults
+
+        faults.parse(self.debug_kill)
         self.model.validate()
         if self.precision not in ("auto", "fp32", "bf16", "fp8"):
             raise ValueError(f"precision={self.precision!r}: use auto, fp32, bf16 or fp8")
@@ -144,52 +175,3 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-# ---- key=value overrides ---------------------------------------------------------------
-def _parse_value(text: str, current: Any, annotation) -> Any:
-    if text.lower() in ("none", "null"):
-        return None
-    kind = type(current) if current is not None else None
-    if kind is None:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)] if annotation else []
-        kind = args[0] if args and isinstance(args[0], type) else None
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if kind in (int, float, str):
-        return kind(float(text)) if kind is int and ("e" in text.lower() or "." in text) else kind(text)
-    if kind in (list, dict):
-        return json.loads(text)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(cfg, overrides: list[str]):
-    """Apply `a.b=value` strings to a dataclass tree in place; unknown keys are errors."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=1e-5)")
-        key, text = item.split("=", 1)
-        obj, parts = cfg, key.split(".")
-        for p in parts[:-1]:
-            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
-                raise ValueError(f"unknown config section {p!r} in override {item!r}")
-            obj = getattr(obj, p)
-        name = parts[-1]
-        fields_ = {f.name: f for f in dataclasses.fields(obj)}
-        if name not in fields_:
-            close = ", ".join(sorted(fields_)[:12])
-            raise ValueError(f"unknown config key {key!r}: {type(obj).__name__} has {close}, ...")
-        hints = typing.get_type_hints(type(obj))
-        try:
-            value = _parse_value(text, getattr(obj, name), hints.get(name))
-        except ValueError as e:
-            raise ValueError(f"bad value for {key}: {e}") from None
-        setattr(obj, name, value)
-    return cfg

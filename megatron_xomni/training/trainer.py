@@ -8,6 +8,7 @@ exit code EXIT_REQUEUE, which the sbatch template turns into a requeue).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -18,13 +19,18 @@ from typing import Optional
 
 import torch
 
+from megatron_xomni.training import faults
 from megatron_xomni.training.config import RunConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_REQUEUE = 0, 1, 3
 
 
 class TrainingError(RuntimeError):
-    """A failure that stops the run with one clear line."""
+    """A failure that stops the run with one clear line (exit code 1)."""
+
+
+class InputError(TrainingError):
+    """Bad input found when the run starts (a path, a checkpoint that does not fit): exit code 2."""
 
 
 @dataclass
@@ -65,13 +71,13 @@ def resolve_dtype(precision: str) -> tuple[torch.dtype, dict]:
     cuda = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
-    if precision in ("bf16", "fp8") and not cuda:
-        raise TrainingError(f"precision={precision} needs a GPU: use precision=fp32 on CPU")
+    if precision == "fp8" and not cuda:
+        raise InputError("precision=fp8 needs a GPU with Transformer Engine: use bf16 or fp32 on CPU")
     if precision == "fp8":
         from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
 
         if not transformer_engine_usable():
-            raise TrainingError("precision=fp8 needs Transformer Engine: pip install megatron-xomni[gpu]")
+            raise InputError("precision=fp8 needs Transformer Engine: pip install megatron-xomni[gpu]")
         return torch.bfloat16, {"fp8": "hybrid", "fp8_recipe": "delayed"}
     return (torch.bfloat16 if precision == "bf16" else torch.float32), {}
 
@@ -96,8 +102,8 @@ def apply_trainable(chunks: list, trainable: str) -> int:
 
 
 class BatchSource:
-    """Deterministic, resumable global batches: step i reads samples [i*G, (i+1)*G) of the
-    (already shuffled) megatron-core dataset; DP rank r takes a contiguous slice of each."""
+    """Deterministic, resumable global batches: step i reads samples [i*G, (i+1)*G) of the sample
+    stream (data.token_dataset.SampleStream); DP rank r takes a contiguous slice of each."""
 
     def __init__(self, dataset, micro_batch_size: int, num_microbatches: int, dp_rank: int, dp_size: int):
         self.ds, self.mbs, self.nmb, self.rank, self.dp = dataset, micro_batch_size, num_microbatches, dp_rank, dp_size
@@ -107,13 +113,23 @@ class BatchSource:
         start = consumed_samples + self.rank * per_rank
         micro = []
         for m in range(self.nmb):
-            items = [self.ds[(start + m * self.mbs + j) % len(self.ds)] for j in range(self.mbs)]
+            items = [self.ds[start + m * self.mbs + j] for j in range(self.mbs)]
             # BlendedDataset adds a numpy "dataset_id"; only the tensors form the batch.
             micro.append({k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])})
         for mb in micro:
             if "attention_mask" in mb:  # [b, 1, s, s] True = masked, as megatron-core expects
                 mb["attention_mask"] = mb["attention_mask"].bool()
         return micro
+
+
+def apply_optim_settings(optimizer, optim) -> None:
+    """Put the recipe's optimizer values into param groups loaded from a checkpoint: megatron-core keeps
+    per-group max_lr/min_lr (which its scheduler prefers over its own), and Adam's betas/eps live there."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for g in o.optimizer.param_groups:
+            g["betas"], g["eps"] = (optim.adam_beta1, optim.adam_beta2), optim.adam_eps
+            if "max_lr" in g:
+                g["max_lr"], g["min_lr"] = optim.lr, optim.min_lr
 
 
 def _grads_finite(wrapped: list) -> bool:
@@ -137,7 +153,7 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_xomni.data.token_dataset import DatasetSpec, build_train_valid_datasets
+        from megatron_xomni.data.token_dataset import DatasetSpec, build_sample_streams
         from megatron_xomni.models.xomni.builder import build_model_chunks
         from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
         from megatron_xomni.parallel import initialize_parallel
@@ -150,9 +166,10 @@ class Trainer:
         cfg.validate(world, have_te_attention=transformer_engine_usable())
         dtype, precision_overrides = resolve_dtype(cfg.precision)
         if cfg.init_from and not Path(cfg.init_from).exists():
-            raise TrainingError(f"init_from={cfg.init_from} does not exist: convert a checkpoint first")
+            raise InputError(f"init_from={cfg.init_from} does not exist: convert a checkpoint first")
         if not cfg.data.blend:
-            raise TrainingError("data.blend is empty: point it at tokenized data (tools/tokenize_corpus.py)")
+            raise InputError("data.blend is empty: point it at tokenized data (xomni tokenize / tools/tokenize_corpus.py)")
+        self.resume_path, self.resume_changes = self._check_resume()
 
         self.pg = initialize_parallel(cfg.parallel, cfg.seed)
         self.world = world
@@ -161,26 +178,27 @@ class Trainer:
         self.num_trainable = apply_trainable(self.chunks, cfg.trainable)
         self.wrapped, self.optimizer = wrap_and_build_optimizer(self.chunks, cfg.optim, self.pg)
         s = cfg.schedule
-        decay = s.decay_iters or cfg.train_iters
+        decay = s.decay_steps or cfg.steps
+        # The recipe's values always win over a resumed checkpoint's (training/resume.py): only the
+        # step count comes from the checkpoint.
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if s.warmup_iters else cfg.optim.lr, max_lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr, lr_warmup_steps=s.warmup_iters, lr_decay_steps=decay,
+            self.optimizer, init_lr=0.0 if s.warmup_steps else cfg.optim.lr, max_lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr, lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay,
             lr_decay_style=s.style, start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
             wd_incr_steps=decay, wd_incr_style="constant",
-            wsd_decay_steps=s.wsd_decay_iters if s.style == "WSD" else None,
+            wsd_decay_steps=s.wsd_decay_steps if s.style == "WSD" else None,
             lr_wsd_decay_style=s.wsd_decay_style if s.style == "WSD" else None,
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
         )
         self._maybe_load()
 
         spec = DatasetSpec(blend=cfg.data.blend, seq_length=cfg.data.seq_length, eod_id=cfg.data.eod_id,
                            pad_id=cfg.data.pad_id, split=cfg.data.split, seed=cfg.seed,
                            pack_documents=cfg.data.pack_documents, cache_dir=cfg.data.cache_dir)
-        gbs = cfg.data.global_batch_size
-        valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * gbs if cfg.eval_interval else 0
         try:
-            train_ds, valid_ds = build_train_valid_datasets(spec, cfg.train_iters * gbs, valid_samples)
-        except FileNotFoundError as e:
-            raise TrainingError(str(e)) from None
+            train_ds, valid_ds = build_sample_streams(spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(str(e)) from None
         dp = self.pg.dp.size()
         self.train_data = BatchSource(train_ds, cfg.data.micro_batch_size, self.nmb, self.pg.dp.rank(), dp)
         self.valid_data = BatchSource(valid_ds, cfg.data.micro_batch_size, self.nmb, self.pg.dp.rank(), dp) if valid_ds else None
@@ -208,7 +226,7 @@ class Trainer:
         meta = {
             "run_config": self.cfg.to_dict(),
             "model_config": self.cfg.model.to_dict(),
-            "trainer_state": {**st.__dict__, "scheduler": self.scheduler.state_dict()},
+            "trainer_state": {**st.__dict__, "scheduler": self.scheduler.state_dict(), "layout": self._layout()},
         }
         rank_state = {
             "torch_rng": torch.get_rng_state(),
@@ -216,42 +234,64 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         }
         path = save_checkpoint(self.cfg.save_dir, st.iteration, self._sharded_state(), meta,
-                               keep_last=self.cfg.keep_last, per_rank=rank_state)
+                               keep_last=self.cfg.keep_last, per_rank=rank_state,
+                               before_publish=lambda: faults.fire("in_save", st.iteration, self.cfg.debug_kill))
         log0(f"[xomni] saved checkpoint {path} in {time.perf_counter() - t0:.2f}s")
         return path
+
+    def _layout(self) -> dict:
+        return {"world_size": self.world, **dataclasses.asdict(self.cfg.parallel)}
+
+    def _check_resume(self):
+        """(checkpoint to resume, applied setting changes); refuses a changed data plan. No process groups."""
+        from megatron_xomni.checkpointing import latest_iteration, read_metadata, resolve_checkpoint
+        from megatron_xomni.training.resume import check_resume, describe
+
+        cfg = self.cfg
+        if latest_iteration(cfg.save_dir) is None:
+            return None, []
+        path = resolve_checkpoint(cfg.save_dir)
+        if read_metadata(path, "model_config") != cfg.model.to_dict():
+            raise InputError(f"checkpoint {path} was saved with another model config: use a new save_dir")
+        plan, applied = check_resume(read_metadata(path, "run_config"), cfg.to_dict(),
+                                     cfg.data.allow_plan_change, str(path))
+        if plan:
+            log0(f"[xomni] resume: data plan changed (data.allow_plan_change=true): {describe(plan)}")
+        return path, applied
 
     def _maybe_load(self) -> None:
         from megatron.core import tensor_parallel
 
-        from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
-                                                  read_metadata, resolve_checkpoint)
+        from megatron_xomni.checkpointing import load_checkpoint, load_rank_state, read_metadata, resolve_checkpoint
+        from megatron_xomni.training.resume import describe
         from megatron_xomni.training.step import load_model_state, load_train_state, model_sharded_state_dict
 
         cfg = self.cfg
-        if latest_iteration(cfg.save_dir) is not None:
-            path = resolve_checkpoint(cfg.save_dir)
-            saved_model = read_metadata(path, "model_config")
-            if saved_model != cfg.model.to_dict():
-                raise TrainingError(f"checkpoint {path} was saved with another model config: use a new save_dir")
+        if self.resume_path is not None:
+            path = self.resume_path
             t0 = time.perf_counter()
             loaded = load_checkpoint(path, self._sharded_state(is_loading=True))
             load_train_state(self.chunks, self.optimizer, loaded)
+            apply_optim_settings(self.optimizer, cfg.optim)
             ts = read_metadata(path, "trainer_state")
             self.scheduler.load_state_dict(ts.pop("scheduler"))
+            layout = ts.pop("layout", None)
             self.state = TrainerState(**ts)
             rs = load_rank_state(path)
-            if rs is not None:  # same layout: exact RNG continuation
+            if rs is not None and layout == self._layout():  # same layout: exact RNG continuation
                 torch.set_rng_state(rs["torch_rng"])
                 tensor_parallel.get_cuda_rng_tracker().set_states(rs["tracker"])
                 if rs.get("cuda_rng") is not None and torch.cuda.is_available():
                     torch.cuda.set_rng_state(rs["cuda_rng"])
             log0(f"[xomni] resumed from {path} at iteration {self.state.iteration} "
                  f"({time.perf_counter() - t0:.2f}s)")
+            if self.resume_changes:
+                log0(f"[xomni] resume: applying changed settings: {describe(self.resume_changes)}")
         elif cfg.init_from:
             path = resolve_checkpoint(cfg.init_from)
             saved_model = read_metadata(path, "model_config")
             if saved_model is not None and saved_model != cfg.model.to_dict():
-                raise TrainingError(
+                raise InputError(
                     f"init_from {path} holds a different model config than the recipe: "
                     "set model.* overrides to match the checkpoint"
                 )
@@ -294,7 +334,7 @@ class Trainer:
         gbs = cfg.data.global_batch_size
         t_start, it_start = time.perf_counter(), st.iteration
         acc = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "n": 0}
-        while st.iteration < cfg.train_iters:
+        while st.iteration < cfg.steps:
             out = self._step(self.train_data.batch(st.consumed_samples))
             st.iteration += 1
             st.consumed_samples += gbs
@@ -309,13 +349,14 @@ class Trainer:
                     f"{st.consecutive_nonfinite} consecutive steps had a NaN/Inf loss or gradient "
                     f"(iteration {st.iteration}); checkpoint saved: lower optim.lr or check the data"
                 )
-            if st.iteration % cfg.log_interval == 0 or st.iteration == cfg.train_iters:
+            if st.iteration % cfg.log_interval == 0 or st.iteration == cfg.steps:
                 self._log(out, acc, t_start, it_start)
                 acc = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "n": 0}
             if cfg.eval_interval and st.iteration % cfg.eval_interval == 0 and self.valid_data:
                 self._evaluate()
+            faults.fire("after_step", st.iteration, cfg.debug_kill)
             preempted = self.preempt.agreed()
-            if preempted or st.iteration % cfg.save_interval == 0 or st.iteration == cfg.train_iters:
+            if preempted or st.iteration % cfg.save_interval == 0 or st.iteration == cfg.steps:
                 self.save()
             if preempted:
                 log0(f"[xomni] preemption signal received: saved at iteration {st.iteration}, exiting for requeue")
@@ -330,7 +371,7 @@ class Trainer:
         tp = self.throughput.window()
         self.throughput.reset()
         done = st.iteration - it_start
-        eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train_iters - st.iteration)
+        eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.steps - st.iteration)
         lr = self.optimizer.param_groups[0]["lr"]
         scalars = {
             "train/loss": acc["loss"] / n, "train/text_loss": acc["text_loss"] / n,
@@ -340,7 +381,7 @@ class Trainer:
             "system/memory_gib": memory_gib(),
             **{k: v for k, v in tp.items() if not k.startswith("_")},
         }
-        line = (f"iter {st.iteration:>6}/{cfg.train_iters} | loss {scalars['train/loss']:.4f} "
+        line = (f"iter {st.iteration:>6}/{cfg.steps} | loss {scalars['train/loss']:.4f} "
                 f"(text {scalars['train/text_loss']:.3f}, image {scalars['train/image_loss']:.3f}) | "
                 f"lr {lr:.2e} | gnorm {scalars['train/grad_norm']:.3f} | "
                 f"{tp['throughput/tokens_per_s']:,.0f} tok/s ({tp['throughput/tokens_per_s_per_gpu']:,.0f}/gpu) | "

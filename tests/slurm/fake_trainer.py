@@ -33,7 +33,7 @@ class FakeRunConfig:
     """Run name (SLURM job name)."""
     save_dir: str = "runs/fake"
     """Checkpoint root; metrics.jsonl lives here too."""
-    train_iters: int = 30
+    steps: int = 30
     """Iterations to train."""
     save_interval: int = 10
     """Checkpoint every this many iterations (and at the end, and on a signal)."""
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         print(f"fake trainer: world {world}", flush=True)
     metrics = open(save_dir / "metrics.jsonl", "a") if rank == 0 else None
-    for it in range(start + 1, cfg.train_iters + 1):
+    for it in range(start + 1, cfg.steps + 1):
         x, y = _batch(it, rank, world)
         err = x @ w - y
         grad = 2 * x.T @ err / (len(y) * world)
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
         # All ranks must stop at the same iteration: agree on "anyone got a signal".
         flag = torch.tensor([float(stop["sig"])])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() or it % cfg.save_interval == 0 or it == cfg.train_iters:
+        if flag.item() or it % cfg.save_interval == 0 or it == cfg.steps:
             if rank == 0:
                 _save(save_dir, it, w)
             dist.barrier()
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
             dist.destroy_process_group()
             return EXIT_REQUEUE
     if rank == 0:
-        print(f"finished {cfg.train_iters} iterations", flush=True)
+        print(f"finished {cfg.steps} iterations", flush=True)
     dist.destroy_process_group()
     return 0
 

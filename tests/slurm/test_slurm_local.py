@@ -46,12 +46,12 @@ class Backend:
     real: bool
 
     def overrides(self, root: Path, save_dir: Path) -> list[str]:
-        common = [f"save_dir={save_dir}", f"train_iters={self.iters}"]
+        common = [f"save_dir={save_dir}", f"steps={self.iters}"]
         if not self.real:
             return common
         # Synthetic token data (see the `root` fixture), small batches, a checkpoint mid-run.
         return [f'data.blend=["{root}/data/syn"]', f"data.cache_dir={root}/cache", *common,
-                "save_interval=5", "log_interval=1", "optim.lr=3e-3", "schedule.warmup_iters=2",
+                "save_interval=5", "log_interval=1", "optim.lr=3e-3", "schedule.warmup_steps=2",
                 "data.global_batch_size=8", "data.micro_batch_size=2"]
 
 

@@ -15,8 +15,8 @@ from tests.multirank import run_ranks
 from tests.training.launch import kill_group, losses, run_trainer, start_trainer, wait_for_iteration
 
 ITERS = 12
-COMMON = ["train_iters=12", "save_interval=4", "log_interval=1", "optim.lr=3e-3",
-          "schedule.warmup_iters=2", "data.global_batch_size=8", "data.micro_batch_size=2"]
+COMMON = ["steps=12", "save_interval=4", "log_interval=1", "optim.lr=3e-3",
+          "schedule.warmup_steps=2", "data.global_batch_size=8", "data.micro_batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,12 @@ def test_sigkill_and_resume_is_bit_identical(data, layout):
 
 
 def test_tp2_checkpoint_continues_at_pp2(data):
-    base = run_trainer(2, "tiny_pt", _ov(data, "tp2", "parallel.tensor_parallel=2", "train_iters=4"), data)
+    base = run_trainer(2, "tiny_pt", _ov(data, "tp2", "parallel.tensor_parallel=2", "steps=4"), data)
     assert base.returncode == 0, base.stderr[-3000:]
     shutil.copytree(data / "tp2", data / "tp2_to_pp2")
     (data / "tp2_to_pp2" / "metrics.jsonl").unlink()
-    cont_tp = run_trainer(2, "tiny_pt", _ov(data, "tp2", "parallel.tensor_parallel=2", "train_iters=5"), data)
-    cont_pp = run_trainer(2, "tiny_pt", _ov(data, "tp2_to_pp2", "parallel.pipeline_parallel=2", "train_iters=5"), data)
+    cont_tp = run_trainer(2, "tiny_pt", _ov(data, "tp2", "parallel.tensor_parallel=2", "steps=5"), data)
+    cont_pp = run_trainer(2, "tiny_pt", _ov(data, "tp2_to_pp2", "parallel.pipeline_parallel=2", "steps=5"), data)
     assert cont_tp.returncode == 0 and cont_pp.returncode == 0, cont_pp.stderr[-3000:]
     a = losses(data / "tp2" / "metrics.jsonl")[5]
     b = losses(data / "tp2_to_pp2" / "metrics.jsonl")[5]
@@ -66,7 +66,7 @@ def test_tp2_checkpoint_continues_at_pp2(data):
 
 
 def test_nan_step_is_skipped_and_counted_and_tensorboard_has_scalars(data):
-    out = run_trainer(2, "tiny_pt", _ov(data, "nan", "debug_inject_nonfinite_steps=[3]", "train_iters=6"), data)
+    out = run_trainer(2, "tiny_pt", _ov(data, "nan", "debug_inject_nonfinite_steps=[3]", "steps=6"), data)
     assert out.returncode == 0, out.stderr[-3000:]
     recs = [json.loads(l) for l in (data / "nan" / "metrics.jsonl").read_text().splitlines()]
     skipped = {r["iteration"]: r["train_skipped_steps"] for r in recs}

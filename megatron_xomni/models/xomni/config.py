@@ -61,6 +61,13 @@ class XOmniModelConfig:
         )
 
     def validate(self) -> None:
+        from megatron_xomni.dataclass_utils import check_numbers
+
+        check_numbers({f"model.{k}": getattr(self, k) for k in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "text_vocab_size", "image_vocab_size", "image_table_size", "max_position_embeddings")}, 1)
+        check_numbers({"model.num_vision_adapter_layers": self.num_vision_adapter_layers,
+                       "model.num_vision_head_layers": self.num_vision_head_layers}, 0)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
