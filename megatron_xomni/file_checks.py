@@ -121,3 +121,21 @@ def check_dist_checkpoint(folder, fix: str = "") -> None:
                                                                                    info.offset, _ZIP_MAGIC):
             raise BadFile(f"checkpoint part {d / info.relative_path} holds no tensor data at offset "
                           f"{info.offset} (overwritten or not from this checkpoint){_tail(fix)}")
+
+
+def check_pretrained_folder(folder, weights: str, what: str, fix: str = "") -> None:
+    """An HF / diffusers `save_pretrained` folder: config.json, and `weights` (e.g. model.safetensors)
+    or its sharded form (`weights`.index.json naming every shard), each with a readable header."""
+    d = require_dir(folder, what, fix)
+    read_json(d / "config.json", f"{what} config", fix)
+    index = d / f"{weights}.index.json"
+    if index.exists():
+        weight_map = read_json(index, f"{what} weight index", fix, required=("weight_map",))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BadFile(f"{what} weight index {index} has an empty or malformed weight_map{_tail(fix)}")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if Path(shard).name != shard:
+                raise BadFile(f"{what} weight index {index} names {shard!r}, not a file of {d}{_tail(fix)}")
+            check_safetensors(d / shard, f"{what} weights", fix)
+    else:
+        check_safetensors(d / weights, f"{what} weights", fix)

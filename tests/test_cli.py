@@ -184,8 +184,10 @@ def _run_error(argv, capsys) -> str:
 
 
 def _copy_with_json(src: Path, dst: Path, name: str, **changes) -> Path:
-    """A folder whose `name` JSON has `changes` (other files are not needed: validation stops first)."""
-    dst.mkdir(parents=True)
+    """A copy of folder `src` whose `name` JSON has `changes`."""
+    import shutil
+
+    shutil.copytree(src, dst)
     data = json.loads((src / name).read_text())
     data.update(changes)
     (dst / name).write_text(json.dumps(data))
@@ -218,7 +220,6 @@ def test_errors_are_one_line_and_load_nothing(bundle, tmp_path, capsys, no_loadi
 
     # image tokenizer codebook != model image vocabulary
     itok = _copy_with_json(bundle / "image_tokenizer", tmp_path / "itok", "config.json", codebook_size=128)
-    (itok / "model.safetensors").write_bytes(b"")
     assert "image_vocab_size=256 != image tokenizer codebook size 128" in _run_error(
         [*gen, "--bundle", str(bundle), "--image-tokenizer", str(itok)], capsys)
 
