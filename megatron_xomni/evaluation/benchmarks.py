@@ -164,6 +164,7 @@ def load_dpg_bench(path: str | Path) -> list[BenchmarkPrompt]:
 
 def _read_csv(csv_path: Path, texts: dict, questions: dict, extra: dict) -> None:
     """Rows of the DPG-Bench CSV into texts / questions / extra (by item_id)."""
+    require_file(csv_path, "prompt file", "expected the DPG-Bench CSV")
     with csv_path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or [])

@@ -155,8 +155,8 @@ def _model_config(ckpt: Path):
     from megatron_xomni.models.xomni.config import XOmniModelConfig
 
     path = ckpt / "model_config.json"
-    mdict = read_json(path, "model config", "every megatron_xomni checkpoint holds one: copy it back from "
-                      "the run that wrote the checkpoint, or re-convert it (xomni convert)", required=MODEL_SHAPE_FIELDS)
+    mdict = read_json(path, "model config", "restore it from the run that wrote the checkpoint, or re-convert "
+                      "the checkpoint (xomni convert)", required=MODEL_SHAPE_FIELDS)
     try:
         mcfg = XOmniModelConfig.from_dict(mdict)
         mcfg.validate()

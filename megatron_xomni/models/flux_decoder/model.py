@@ -323,8 +323,8 @@ def check_export(path: str | Path) -> DecoderConfig:
     transformer, the VAE and, for the text variant, both text encoders); BadFile names the first bad one."""
     fix = "re-export the decoder with XOmniDecoder.save_pretrained"
     path = require_dir(path, "decoder folder", fix)
-    read_json(path / CONFIG_FILE, "decoder config", f"{path} is not an X-Omni decoder export ({fix}; use "
-              "build_decoder for FLUX)", required=("variant", "adapter_dim"))
+    read_json(path / CONFIG_FILE, "decoder config", f"{fix} (a FLUX checkpoint loads with build_decoder)",
+              required=("variant", "adapter_dim"))
     try:
         cfg = DecoderConfig.from_json(path / CONFIG_FILE)
     except (TypeError, ValueError) as e:
