@@ -197,8 +197,10 @@ def _layout(args, spec):
 
 
 def _start(par, seed: int):
+    from megatron_xomni.device import announce_missing_extras
     from megatron_xomni.inference.pipeline import init_process_group
 
+    announce_missing_extras()  # input is valid: real work starts, say once what the machine lacks
     return init_process_group(par, seed)
 
 
@@ -435,12 +437,14 @@ def _error(msg: str) -> int:
 
 
 def _quiet_library_warnings() -> None:
-    """megatron-core warns at import time that Transformer Engine / Apex are absent (always so on a CPU) and
-    torch warns about its own deprecated checkpoint APIs that megatron-core calls; neither is actionable for a
-    user of this command, and they would bury the one-line errors."""
+    """torch warns about its own deprecated checkpoint APIs that megatron-core calls; that is not actionable for
+    a user of this command, and it would bury the one-line errors. (megatron-core's Transformer Engine / Apex
+    warnings are filtered by megatron_xomni.device and replaced by one notice.)"""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    from megatron_xomni.device import quiet_missing_extras
+
+    quiet_missing_extras()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron_xomni\.cpu_compat")
     warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
