@@ -44,9 +44,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def read_prompts_file(path: str) -> list[str]:
     """One prompt per line (.txt), or JSON objects with a "prompt" field (.jsonl)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"prompts file {p} does not exist")
+    from megatron_xomni.file_checks import require_file
+
+    p = require_file(path, "prompts file", "pass a .txt (one prompt per line) or .jsonl file")
+    if b"\0" in p.read_bytes()[:1 << 16]:
+        raise UsageError(f"prompts file {p} is binary, not UTF-8 text")
     prompts = []
     if p.suffix.lower() == ".jsonl":
         from megatron_xomni.evaluation.benchmarks import read_jsonl
@@ -112,13 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help=".txt (one prompt per line) or .jsonl (objects with \"prompt\")")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--out", required=True, help="output folder (must be empty or new, unless --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out: the images listed in its generations.jsonl are deleted first")
     _add_image_args(g, "384x384", "384x384")
     _add_sampling_args(g, "image tokens")
     _add_model_args(g, decoder=True)
 
     c = sub.add_parser("chat", help="questions about images (greedy unless --sample)")
-    c.add_argument("--image", action="append", default=[], required=True, help="an image file (repeatable)")
+    c.add_argument("--image", action="append", default=[], required=True, help="an image file (repeatable); images above 64 megapixels are refused "
+                   "(raise the cap with $XOMNI_MAX_IMAGE_PIXELS)")
     c.add_argument("--question", action="append", default=[], required=True,
                    help="a question; repeat for a multi-turn conversation (earlier answers stay in context)")
     c.add_argument("--max-new-tokens", type=int, default=256)
@@ -192,8 +197,10 @@ def _layout(args, spec):
 
 
 def _start(par, seed: int):
+    from megatron_xomni.device import announce_missing_extras
     from megatron_xomni.inference.pipeline import init_process_group
 
+    announce_missing_extras()  # input is valid: real work starts, say once what the machine lacks
     return init_process_group(par, seed)
 
 
@@ -201,6 +208,57 @@ def _rank() -> int:
     import torch
 
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def check_image_file(path: str, preprocess) -> None:
+    """Refuse an image that is missing, a folder, empty, not an image, above the pixel cap or outside the
+    size rules (all from its header: nothing large is decoded), or broken, naming the file."""
+    from megatron_xomni.data.decode import DecodeFailed, decode_pillow, open_image_file
+    from megatron_xomni.data.preprocess import target_size
+
+    with open_image_file(path, preprocess.max_pixels) as im:
+        try:
+            target_size(im.height, im.width, preprocess)
+        except ValueError as e:
+            raise UsageError(f"image {path}: {e}") from None
+    try:
+        decode_pillow(Path(path).read_bytes(), max_pixels=preprocess.max_pixels)
+    except DecodeFailed as e:
+        raise UsageError(f"image {path} cannot be decoded ({e})") from None
+
+
+GENERATIONS = "generations.jsonl"
+
+
+def previous_generations(out: Path, overwrite: bool) -> list[Path]:
+    """What `generate --out` must delete before writing: nothing for a new or empty folder; with
+    --overwrite, the images listed in the previous generations.jsonl and that file; otherwise a
+    UsageError (a non-empty folder would end up mixing two runs)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise UsageError(f"--out {out} is not empty: pick a new folder, or pass --overwrite to replace the "
+                         f"images listed in its {GENERATIONS}")
+    log = out / GENERATIONS
+    if not log.is_file():
+        return []
+    from megatron_xomni.evaluation.benchmarks import read_jsonl
+
+    try:
+        rows = read_jsonl(log, 'the {"file": ...} lines xomni generate writes')
+    except ValueError as e:
+        raise UsageError(f"--overwrite: cannot tell which images {log} lists ({str(e).splitlines()[0]}); "
+                         "delete the folder instead") from None
+    stale = []
+    for n, row in rows:
+        name = row.get("file")
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise UsageError(f"--overwrite: {log}:{n} names {name!r}, not an image file of this folder; "
+                             "delete the folder instead")
+        stale.append(out / name)
+    return stale + [log]
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> None:
@@ -239,8 +297,7 @@ def cmd_generate(args) -> int:
     _check_count("--batch-size", args.batch_size)
     height, width = parse_size(args.size)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    stale = previous_generations(out, args.overwrite)
     spec = inspect_paths(_paths(args, decoder=True))
     spec.check_generation(prompts, height, width)
     sampling = _sampling(args)
@@ -260,7 +317,9 @@ def cmd_generate(args) -> int:
         log = None
         if _rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "generations.jsonl", "w", encoding="utf-8")
+            for old in stale:  # only now: a run that fails to start leaves the previous results alone
+                old.unlink(missing_ok=True)
+            log = open(out / GENERATIONS, "w", encoding="utf-8")
 
         def save(k: int, img) -> None:
             prompt, seed = jobs[k]
@@ -282,23 +341,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from megatron_xomni.inference.bundle import inspect_paths
 
-    for path in args.image:
-        if not Path(path).is_file():
-            raise UsageError(f"image {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"image {path} cannot be read ({e})") from None
     _check_count("--max-new-tokens", args.max_new_tokens)
     if any(not q.strip() for q in args.question):
         raise UsageError("--question must not be empty")
     spec = inspect_paths(_paths(args, decoder=False))
-    spec.preprocess_config(args.preprocess)
+    preprocess = spec.preprocess_config(args.preprocess)
+    for path in args.image:
+        check_image_file(path, preprocess)
     sampling = _sampling(args) if args.sample else None
     par = _layout(args, spec)
 
@@ -386,12 +437,14 @@ def _error(msg: str) -> int:
 
 
 def _quiet_library_warnings() -> None:
-    """megatron-core warns at import time that Transformer Engine / Apex are absent (always so on a CPU) and
-    torch warns about its own deprecated checkpoint APIs that megatron-core calls; neither is actionable for a
-    user of this command, and they would bury the one-line errors."""
+    """torch warns about its own deprecated checkpoint APIs that megatron-core calls; that is not actionable for
+    a user of this command, and it would bury the one-line errors. (megatron-core's Transformer Engine / Apex
+    warnings are filtered by megatron_xomni.device and replaced by one notice.)"""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    from megatron_xomni.device import quiet_missing_extras
+
+    quiet_missing_extras()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron_xomni\.cpu_compat")
     warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from megatron_xomni.device import announce_missing_extras
 from megatron_xomni.training.trainer import EXIT_REQUEUE, InputError, TrainingError  # noqa: F401  (re-exported)
 
 EXIT_CONFIG = 2
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_recipe(argv[0], argv[1:])
+        announce_missing_extras()
         from megatron_xomni.rl.trainer import GRPORunConfig, train_grpo
 
         if isinstance(cfg, GRPORunConfig):  # RL recipes run the GRPO loop

@@ -2,6 +2,14 @@
 import pytest
 
 from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+from tests.multirank import shutdown_helpers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The session's forkserver and resource tracker end with it (checked by test_hygiene.py)."""
+    yield
+    shutdown_helpers()
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,12 @@ collective must fail the test, not CI) and tears the process groups down at the 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import pickle
+import signal
+import time
 import traceback
 
 from megatron_xomni.parallel.init import free_port
@@ -90,3 +94,40 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _stop_helper(pid_attr: str, fd_attr: str, owner, timeout: float) -> None:
+    """Close a multiprocessing helper's "alive" pipe (its signal to exit), wait for it, and kill
+    it if something else still holds the pipe open. Attributes are CPython's (3.8-3.13)."""
+    pid, fd = getattr(owner, pid_attr, None), getattr(owner, fd_attr, None)
+    if pid is None:
+        return
+    if fd is not None:
+        os.close(fd)
+        setattr(owner, fd_attr, None)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.05)
+    setattr(owner, pid_attr, None)
+
+
+def shutdown_helpers(timeout: float = 20.0) -> None:
+    """Stop the forkserver (ranks here, tokenize workers elsewhere) and the resource tracker this
+    process started: left alone they outlive the test session, reparented to init."""
+    server = multiprocessing.forkserver._forkserver
+    address = getattr(server, "_forkserver_address", None)
+    _stop_helper("_forkserver_pid", "_forkserver_alive_fd", server, timeout)
+    if address and os.path.exists(address):
+        os.unlink(address)
+    server._forkserver_address = None
+    _stop_helper("_pid", "_fd", multiprocessing.resource_tracker._resource_tracker, timeout)

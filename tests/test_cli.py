@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.inference.fixtures import bundle  # noqa: F401  (session fixture)
+from tests.inference.fixtures import bundle, no_loading  # noqa: F401  (fixtures)
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -147,29 +147,6 @@ def test_evaluate_layouts(bundle, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ errors
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail loudly if anything would build a model, load weights or start a process group."""
-    import megatron_xomni.models.flux_decoder as dec
-    import megatron_xomni.inference.pipeline as pipe
-    import megatron_xomni.models.xomni.builder as builder
-    import megatron_xomni.models.siglip_vq as tok
-
-    calls = []
-
-    def boom(name):
-        def f(*a, **k):
-            calls.append(name)
-            raise AssertionError(f"{name} called before validation finished")
-        return f
-
-    monkeypatch.setattr(builder, "build_model_chunks", boom("build_model_chunks"))
-    monkeypatch.setattr(pipe, "init_process_group", boom("init_process_group"))
-    monkeypatch.setattr(tok.SiglipVQTokenizer, "from_pretrained", classmethod(lambda *a, **k: boom("tokenizer")()))
-    monkeypatch.setattr(dec.XOmniDecoder, "from_pretrained", classmethod(lambda *a, **k: boom("decoder")()))
-    return calls
-
-
 def _run_error(argv, capsys) -> str:
     from megatron_xomni import cli
 
@@ -184,8 +161,10 @@ def _run_error(argv, capsys) -> str:
 
 
 def _copy_with_json(src: Path, dst: Path, name: str, **changes) -> Path:
-    """A folder whose `name` JSON has `changes` (other files are not needed: validation stops first)."""
-    dst.mkdir(parents=True)
+    """A copy of folder `src` whose `name` JSON has `changes`."""
+    import shutil
+
+    shutil.copytree(src, dst)
     data = json.loads((src / name).read_text())
     data.update(changes)
     (dst / name).write_text(json.dumps(data))
@@ -218,7 +197,6 @@ def test_errors_are_one_line_and_load_nothing(bundle, tmp_path, capsys, no_loadi
 
     # image tokenizer codebook != model image vocabulary
     itok = _copy_with_json(bundle / "image_tokenizer", tmp_path / "itok", "config.json", codebook_size=128)
-    (itok / "model.safetensors").write_bytes(b"")
     assert "image_vocab_size=256 != image tokenizer codebook size 128" in _run_error(
         [*gen, "--bundle", str(bundle), "--image-tokenizer", str(itok)], capsys)
 
@@ -276,3 +254,75 @@ def test_delegation(monkeypatch, capsys):
         cli.main(["convert", "--help"])
     assert exc.value.code == 0
     assert "hf-to-megatron" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _fake_previous_run(out: Path) -> dict[str, bytes]:
+    """A folder as an earlier `generate` left it (3 images + generations.jsonl) plus a file of the user's."""
+    out.mkdir()
+    for k in range(3):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(out / f"{k:05d}.png")
+    (out / "generations.jsonl").write_text("".join(json.dumps({"index": k, "file": f"{k:05d}.png"}) + "\n"
+                                                   for k in range(3)))
+    (out / "notes.txt").write_text("mine")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_generate_refuses_a_non_empty_out(bundle, tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    before = _fake_previous_run(out)
+    gen = ["generate", "--bundle", str(bundle), "--prompt", "a", "--size", "64x64", "--out", str(out)]
+    assert "is not empty: pick a new folder, or pass --overwrite" in _run_error(gen, capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    (tmp_path / "f").write_text("x")
+    assert "is a file, not a folder" in _run_error([*gen[:-1], str(tmp_path / "f")], capsys)
+    # --overwrite deletes only what the old log lists, and never a path outside the folder
+    (out / "generations.jsonl").write_text(json.dumps({"file": "../escape.png"}) + "\n")
+    assert "names '../escape.png', not an image file of this folder" in _run_error([*gen, "--overwrite"], capsys)
+    assert no_loading == []
+
+
+def test_generate_overwrite_replaces_the_images_it_wrote(bundle, tmp_path):
+    out = tmp_path / "out"
+    before = _fake_previous_run(out)
+    (rc, _), = run_ranks(_cli, 1, [["generate", "--bundle", str(bundle), "--prompt", "a red circle", "--size", "64x48",
+                                    "--decoder-steps", "1", "--out", str(out), "--overwrite", "--no-progress"]])[0]
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "generations.jsonl", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"  # not listed: not ours to delete
+    assert (out / "00000.png").read_bytes() != before["00000.png"]
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["00000.png"] and rows[0]["prompt"] == "a red circle"
+
+
+@pytest.mark.parametrize("bench,files,words", [
+    ("dpg", {"dpg_bench.csv": "item_id,text\n../../evil,a cat\n"}, "item_id '../../evil' is not a plain file name"),
+    ("dpg", {"prompts/.hidden.txt": "a cat"}, "item_id '.hidden' is not a plain file name"),
+    ("longtext", {"text_prompts.jsonl": json.dumps({"prompt_id": "/tmp/x", "prompt": "p", "text": "t"}) + "\n"},
+     "prompt_id '/tmp/x' is not a plain file name"),
+    ("longtext", {"text_prompts.jsonl": json.dumps({"prompt_id": "..", "prompt": "p", "text": "t"}) + "\n"},
+     "prompt_id '..' is not a plain file name"),
+    ("longtext", {"text_prompts.jsonl": "".join(json.dumps({"prompt_id": "7", "prompt": p, "text": "t"}) + "\n"
+                                                for p in ("a", "b"))}, "two prompts have prompt_id '7'"),
+])
+def test_benchmark_ids_cannot_name_paths_outside_out(bundle, tmp_path, capsys, no_loading, bench, files, words):
+    src = tmp_path / "bench"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    prompts = src if bench == "dpg" else src / "text_prompts.jsonl"
+    err = _run_error(["evaluate", "--benchmark", bench, "--prompts", str(prompts), "--bundle", str(bundle),
+                      "--size", "64x64", "--out", str(tmp_path / "o" / "out")], capsys)
+    assert words in err and str(prompts) in err
+    assert not (tmp_path / "o").exists() and no_loading == []
+
+
+def test_write_outputs_refuses_unsafe_ids_itself(tmp_path):
+    """Defence in depth: the writer re-checks ids, whoever built the job."""
+    from megatron_xomni.evaluation.benchmarks import BenchmarkPrompt
+    from megatron_xomni.inference.evaluate import EvalJob, write_outputs
+
+    job = EvalJob("dpg", [BenchmarkPrompt(id="../escape", prompt="p")], 1, 16, 16)
+    with pytest.raises(ValueError, match="not a plain file name"):
+        write_outputs(job, [[Image.new("RGB", (16, 16))]], tmp_path / "out")
+    assert not (tmp_path / "escape.png").exists()

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     args = p.parse_args(argv)
 
+    from megatron_xomni.device import announce_missing_extras
     from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, tokenize_corpus
 
     try:
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size, threads_per_worker=args.threads_per_worker, init_seed=args.init_seed,
             decoder=args.decoder, progress=not args.quiet, format=fmt,
         )
+        announce_missing_extras()
         summary = tokenize_corpus(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from megatron_xomni.data.decode import DecodeFailed, decode_pillow, probe_header_size
+from megatron_xomni.data.preprocess import default_max_pixels, pixel_cap_message
 from megatron_xomni.data.report import SkipReason, SkipReport
 
 MANIFEST_NAME = "index.json"
@@ -107,13 +108,15 @@ class CorpusWriter:
         jpeg_quality: int = 95,
         overwrite: bool = False,
         validate: bool = True,
+        max_pixels: int | None = None,
     ):
         """
         out_dir: corpus directory (created).  samples_per_shard / max_shard_bytes: a new shard starts when
         either is reached.  image_format: "png" (lossless) or "jpg", used when encoding PIL images (encoded
         bytes are stored as given).  overwrite: replace an existing corpus in out_dir.  validate: decode
         every image and check caption/meta before writing (False stores bytes as given, e.g. to build
-        test corpora with planted bad records).
+        test corpora with planted bad records).  max_pixels: images declaring more pixels are refused
+        (too_large) before they are decoded or encoded; default 64 megapixels or $XOMNI_MAX_IMAGE_PIXELS.
         """
         import webdataset as wds
 
@@ -131,6 +134,7 @@ class CorpusWriter:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.validate = validate
+        self.max_pixels = default_max_pixels() if max_pixels is None else int(max_pixels)
         self.report = SkipReport()
         self.shards: list[ShardInfo] = []
         self._next_key = 0
@@ -187,7 +191,7 @@ class CorpusWriter:
             data = bytes(image)
             if self.validate:
                 try:
-                    decode_pillow(data)
+                    decode_pillow(data, max_pixels=self.max_pixels)
                 except DecodeFailed as exc:
                     self.report.skip(exc.reason, where, str(exc))
                     return None
@@ -198,6 +202,9 @@ class CorpusWriter:
         elif isinstance(image, Image.Image):
             if image.width == 0 or image.height == 0:
                 self.report.skip(SkipReason.ZERO_SIZE, where, f"image size {image.size}")
+                return None
+            if image.width * image.height > self.max_pixels:
+                self.report.skip(SkipReason.TOO_LARGE, where, pixel_cap_message(image.height, image.width, self.max_pixels))
                 return None
             data, ext = self._encode(image)
         else:

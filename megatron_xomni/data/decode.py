@@ -16,15 +16,19 @@ to match it bit for bit on rotated JPEGs.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megatron_xomni.data.preprocess import ImagePreprocessConfig, ImageRejected, normalize_uint8, preprocess, resize_uint8_tensor, target_size
+from megatron_xomni.data.preprocess import (ImagePreprocessConfig, ImageRejected, default_max_pixels, normalize_uint8,
+                                            pixel_cap_message, preprocess, resize_uint8_tensor, target_size)
 from megatron_xomni.data.report import SkipReason
+from megatron_xomni.file_checks import require_file
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -94,8 +98,8 @@ def _jpeg_size(data: bytes) -> tuple[int | None, int | None]:
 def _failure_from_exception(exc: Exception, data: bytes) -> DecodeFailed:
     """Map a decoder exception to a SkipReason (the message is kept as the detail)."""
     msg = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, Image.DecompressionBombError):
-        return DecodeFailed(SkipReason.UNDECODABLE, msg)
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS)
+        return DecodeFailed(SkipReason.TOO_LARGE, msg)
     if isinstance(exc, UnidentifiedImageError):
         probe = probe_header_size(data)
         if probe is None:
@@ -109,19 +113,47 @@ def _failure_from_exception(exc: Exception, data: bytes) -> DecodeFailed:
     return DecodeFailed(SkipReason.CORRUPT, msg)
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Parse only the header of encoded image bytes (pixels are decoded lazily); raises DecodeFailed."""
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Parse only the header of encoded image bytes (pixels are decoded lazily); raises DecodeFailed.
+
+    An image declaring more than `max_pixels` (default: `default_max_pixels()`, 64 megapixels) is refused
+    here, from its header, so it is never decoded."""
     if len(data) == 0:
         raise DecodeFailed(SkipReason.EMPTY_FILE, "image file has 0 bytes")
+    cap = default_max_pixels() if max_pixels is None else int(max_pixels)
+    probe = probe_header_size(data)
+    if probe is not None and probe[1] and probe[2] and probe[1] * probe[2] > cap:
+        raise DecodeFailed(SkipReason.TOO_LARGE, pixel_cap_message(probe[2], probe[1], cap))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about e.g. odd EXIF; the record is judged below
             img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked by Image.open on the header
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        if m and int(m.group(1)) > cap:
+            raise DecodeFailed(SkipReason.TOO_LARGE, pixel_cap_message(None, None, cap, int(m.group(1)))) from None
+        raise _failure_from_exception(exc, data) from None
     except Exception as exc:  # any parser error is a property of this record, not a bug of the run
         raise _failure_from_exception(exc, data) from None
     if img.width == 0 or img.height == 0:
         raise DecodeFailed(SkipReason.ZERO_SIZE, f"image has size {img.width}x{img.height}")
+    if img.width * img.height > cap:
+        raise DecodeFailed(SkipReason.TOO_LARGE, pixel_cap_message(img.height, img.width, cap))
     return img
+
+
+def open_image_file(path, max_pixels: int | None = None) -> Image.Image:
+    """`open_image` of a file named by a user: DecodeFailed messages name the file (missing, a folder,
+    empty, not an image, above the pixel cap); pixels are decoded lazily."""
+    p = Path(path)
+    try:
+        require_file(p, "image", "pass an image file (PNG, JPEG, WebP, ...)")
+    except ValueError as e:
+        raise DecodeFailed(SkipReason.MISSING_IMAGE, str(e)) from None
+    try:
+        return open_image(p.read_bytes(), max_pixels)
+    except DecodeFailed as e:
+        raise DecodeFailed(e.reason, f"image {p}: {e}") from None
 
 
 def oriented_size(img: Image.Image, exif_transpose: bool = True) -> tuple[int, int]:
@@ -137,9 +169,9 @@ def oriented_size(img: Image.Image, exif_transpose: bool = True) -> tuple[int, i
     return h, w
 
 
-def decode_pillow(data: bytes, exif_transpose: bool = True) -> Image.Image:
+def decode_pillow(data: bytes, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
     """Fully decode encoded bytes to an RGB PIL image (upright if exif_transpose); raises DecodeFailed."""
-    img = open_image(data)
+    img = open_image(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -163,8 +195,8 @@ class PillowDecoder:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         # size rules on the header first: rejected images are never decoded
-        target_size(*oriented_size(open_image(data), self.exif_transpose), self.cfg)
-        return preprocess(decode_pillow(data, self.exif_transpose), self.cfg)
+        target_size(*oriented_size(open_image(data, self.cfg.max_pixels), self.exif_transpose), self.cfg)
+        return preprocess(decode_pillow(data, self.exif_transpose, self.cfg.max_pixels), self.cfg)
 
 
 def dali_available(require_cuda: bool = True) -> bool:
@@ -262,12 +294,12 @@ class DaliDecoder:
         return result
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        target_size(*oriented_size(open_image(data), self.exif_transpose), self.cfg)
+        target_size(*oriented_size(open_image(data, self.cfg.max_pixels), self.exif_transpose), self.cfg)
         try:
             chw = self.decode_hwc(data).permute(2, 0, 1)
         except Exception:
             # DALI gives no per-record reason; Pillow either decodes the record or says why it is bad
-            image = decode_pillow(data, self.exif_transpose)
+            image = decode_pillow(data, self.exif_transpose, self.cfg.max_pixels)
             self.fallbacks += 1
             chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).to(self.torch_device)
         size = target_size(chw.shape[1], chw.shape[2], self.cfg)
@@ -294,6 +326,7 @@ __all__ = [
     "decode_pillow",
     "make_decoder",
     "open_image",
+    "open_image_file",
     "oriented_size",
     "probe_header_size",
 ]

@@ -2,9 +2,10 @@
 
 The rule (X-Omni defaults in brackets), applied to an image of height h and width w:
 
-1. Reject (raise `ImageRejected`) when a side is 0 (`zero_size`), when the short side is below
-   `min_short_reject` [128] (`too_small`), or when long / short > `max_aspect_ratio` [3] (`aspect_ratio`).
-   The checks use the original size, in that order.
+1. Reject (raise `ImageRejected`) when a side is 0 (`zero_size`), when h * w exceeds `max_pixels`
+   [64 megapixels] (`too_large`), when the short side is below `min_short_reject` [128] (`too_small`),
+   or when long / short > `max_aspect_ratio` [3] (`aspect_ratio`). The checks use the original size
+   (as the header declares it: every reader checks before decoding a pixel), in that order.
 2. Upscale only if the short side is below `min_short` [384]: both sides are multiplied by
    min_short / short (kept as floats, aspect ratio preserved). An image whose short side is already
    >= min_short is never upscaled (and never downscaled to min_short either).
@@ -26,7 +27,8 @@ Tokens per image = (H / 16) * (W / 16).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +37,32 @@ from PIL import Image
 from megatron_xomni.data.report import SkipReason
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+MAX_PIXELS_ENV = "XOMNI_MAX_IMAGE_PIXELS"
+
+
+def default_max_pixels() -> int:
+    """The pixel cap of every image reader: 64 megapixels (64,000,000), or $XOMNI_MAX_IMAGE_PIXELS.
+
+    A PNG of a few hundred KB can declare 20000 x 20000 pixels (1.2 GB as RGB, more once converted
+    to floats); images above the cap are refused from their header, before any pixel is decoded."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return 64_000_000
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r} must be a positive number of pixels (default 64000000)")
+    return value
+
+
+def pixel_cap_message(h: int | None, w: int | None, cap: int, pixels: int | None = None) -> str:
+    """One line for an image above the cap (h, w from its header; or only its pixel count)."""
+    what = f"image {h}x{w}" if h is not None and w is not None else "image"
+    pixels = h * w if pixels is None else pixels
+    return (f"{what} has {pixels:,} pixels, above the cap of {cap:,}: downscale it, or raise the cap "
+            f"(ImagePreprocessConfig.max_pixels, ${MAX_PIXELS_ENV})")
 
 
 class ImageRejected(ValueError):
@@ -64,9 +92,12 @@ class ImagePreprocessConfig:
     # per-channel normalisation (x - mean) / std applied to pixels in [0, 1]; 0.5 / 0.5 maps to [-1, 1]
     mean: float = 0.5
     std: float = 0.5
+    # images whose header declares more pixels than this are refused before decoding
+    # (default: 64 megapixels, or $XOMNI_MAX_IMAGE_PIXELS; see default_max_pixels)
+    max_pixels: int = field(default_factory=default_max_pixels)
 
     def __post_init__(self) -> None:
-        for name in ("min_short", "max_long", "multiple", "min_short_reject"):
+        for name in ("min_short", "max_long", "multiple", "min_short_reject", "max_pixels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ImagePreprocessConfig.{name} must be a positive int, got {getattr(self, name)}")
         if self.min_short % self.multiple or self.max_long % self.multiple:
@@ -93,6 +124,8 @@ def check_size(h: int, w: int, cfg: ImagePreprocessConfig) -> SkipReason | None:
     """The rejection rule alone: the SkipReason an h x w image is rejected for, or None if accepted."""
     if h <= 0 or w <= 0:
         return SkipReason.ZERO_SIZE
+    if h * w > cfg.max_pixels:
+        return SkipReason.TOO_LARGE
     short, long = min(h, w), max(h, w)
     if short < cfg.min_short_reject:
         return SkipReason.TOO_SMALL
@@ -108,6 +141,8 @@ def target_size(h: int, w: int, cfg: ImagePreprocessConfig | None = None) -> tup
     """
     cfg = cfg or ImagePreprocessConfig()
     reason = check_size(h, w, cfg)
+    if reason is SkipReason.TOO_LARGE:
+        raise ImageRejected(reason, pixel_cap_message(h, w, cfg.max_pixels))
     if reason is not None:
         raise ImageRejected(
             reason,
@@ -137,10 +172,10 @@ def normalize_uint8(chw: torch.Tensor, cfg: ImagePreprocessConfig) -> torch.Tens
 def resize_pil(image: Image.Image, cfg: ImagePreprocessConfig | None = None) -> Image.Image:
     """Validate and resize an image to target_size with Pillow (RGB, not yet normalised)."""
     cfg = cfg or ImagePreprocessConfig()
+    w, h = image.size
+    H, W = target_size(h, w, cfg)  # before convert(): a lazily opened image is decoded only if accepted
     if image.mode != "RGB":
         image = image.convert("RGB")
-    w, h = image.size
-    H, W = target_size(h, w, cfg)
     if (H, W) == (h, w):
         return image
     return image.resize((W, H), resample=_RESAMPLE[cfg.resample])

@@ -27,6 +27,7 @@ class SkipReason(str, Enum):
     BAD_METADATA = "bad_metadata"  # the .json metadata (or a JSONL line) is not a JSON object
     TOO_SMALL = "too_small"  # short side below ImagePreprocessConfig.min_short_reject
     ASPECT_RATIO = "aspect_ratio"  # long / short side above ImagePreprocessConfig.max_aspect_ratio
+    TOO_LARGE = "too_large"  # the header declares more pixels than ImagePreprocessConfig.max_pixels
 
 
 @dataclass

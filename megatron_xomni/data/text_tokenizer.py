@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from megatron_xomni.file_checks import BadFile, read_json, require_dir, require_file
+
 SOM, EOM, IMAGE = "<SOM>", "<EOM>", "<IMAGE>"
 SPECIAL_TOKENS: tuple[str, str, str] = (SOM, EOM, IMAGE)
 META_NAME = "text_tokenizer.json"
@@ -150,10 +152,14 @@ class XOmniTextTokenizer:
     def from_sentencepiece(cls, model_file: str | os.PathLike) -> "XOmniTextTokenizer":
         import sentencepiece as spm
 
-        path = Path(model_file)
-        if not path.is_file():
-            raise ValueError(f"sentencepiece model {path} does not exist; train one with tools/train_text_tokenizer.py")
-        return cls(spm.SentencePieceProcessor(model_proto=path.read_bytes()), "sentencepiece")
+        fix = "train one with tools/train_text_tokenizer.py"
+        path = require_file(model_file, "sentencepiece model", fix)
+        try:
+            proc = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        except RuntimeError as e:  # sentencepiece's parse error for anything that is not a model proto
+            raise BadFile(f"sentencepiece model {path} cannot be parsed ({str(e).strip().splitlines()[0]}): "
+                          f"it is truncated or not a sentencepiece model; {fix}") from None
+        return cls(proc, "sentencepiece")
 
     @classmethod
     def from_hf(cls, local_path: str | os.PathLike) -> "XOmniTextTokenizer":
@@ -168,10 +174,11 @@ class XOmniTextTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "XOmniTextTokenizer":
         """A folder written by `save`, or a plain HF tokenizer folder."""
-        directory = Path(directory)
+        directory = require_dir(directory, "text tokenizer folder", "pass a folder written by XOmniTextTokenizer.save")
         meta_path = directory / META_NAME
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+        if meta_path.exists():
+            meta = read_json(meta_path, "text tokenizer metadata", "rewrite it with XOmniTextTokenizer.save",
+                             required=("kind",))
             kind = meta.get("kind")
             if kind == "sentencepiece":
                 tok = cls.from_sentencepiece(directory / meta.get("model_file", SPM_NAME))

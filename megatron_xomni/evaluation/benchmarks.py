@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from megatron_xomni.evaluation.longtext import detect_lang
+from megatron_xomni.file_checks import require_file
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,29 @@ class BenchmarkPrompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _binary(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is binary, not UTF-8 text; expected {what}")
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return require_file(path, "prompt file", f"expected {what}", allow_empty=True).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _binary(path, what) from None
+
+
 def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
     rows = []
+    require_file(path, "prompt file", f"expected {what}", allow_empty=True)
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                break
+            except UnicodeDecodeError:
+                raise _binary(path, what) from None
             if not line.strip():
                 continue
             try:
@@ -116,35 +136,10 @@ def load_dpg_bench(path: str | Path) -> list[BenchmarkPrompt]:
     questions: dict[str, list[dict]] = {}
     extra: dict[str, dict] = {}
     if have_csv:
-        with csv_path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            fields = set(reader.fieldnames or [])
-            missing = {"item_id", "text"} - fields
-            if missing:
-                cols = ", ".join(sorted(missing))
-                raise ValueError(f"{csv_path}: missing column(s) {cols}; expected the DPG-Bench CSV")
-            for lineno, row in enumerate(reader, 2):
-                item = (row["item_id"] or "").strip()
-                if not item:
-                    raise ValueError(f"{csv_path}:{lineno}: empty item_id")
-                texts.setdefault(item, row["text"])
-                extra.setdefault(item, {"keywords": row.get("keywords") or ""})
-                q = questions.setdefault(item, [])
-                if row.get("question_natural_language"):
-                    where = f"{csv_path}:{lineno}"
-                    raw_pid = row.get("proposition_id") or ""
-                    try:
-                        pid = int(raw_pid)
-                    except ValueError:
-                        raise ValueError(f"{where}: proposition_id {raw_pid!r} is not an integer") from None
-                    q.append({
-                        "proposition_id": pid,
-                        "question": row["question_natural_language"],
-                        "dependency": _parse_dependency(row.get("dependency") or "0", where),
-                        "tuple": row.get("tuple") or "",
-                        "category_broad": row.get("category_broad") or "",
-                        "category_detailed": row.get("category_detailed") or "",
-                    })
+        try:
+            _read_csv(csv_path, texts, questions, extra)
+        except UnicodeDecodeError:
+            raise _binary(csv_path, "the DPG-Bench CSV") from None
         if not texts:
             raise ValueError(f"{csv_path} has no rows; expected the DPG-Bench CSV")
     order = list(texts)
@@ -153,7 +148,7 @@ def load_dpg_bench(path: str | Path) -> list[BenchmarkPrompt]:
         if not files and not have_csv:
             raise ValueError(f"{prompt_dir} holds no <item_id>.txt files")
         for file in files:
-            text = file.read_text(encoding="utf-8").strip()
+            text = _read_text(file, "the prompt text").strip()
             if not text:
                 raise ValueError(f"{file} is empty; expected the prompt text")
             if file.stem not in texts:
@@ -167,6 +162,40 @@ def load_dpg_bench(path: str | Path) -> list[BenchmarkPrompt]:
     ]
 
 
+def _read_csv(csv_path: Path, texts: dict, questions: dict, extra: dict) -> None:
+    """Rows of the DPG-Bench CSV into texts / questions / extra (by item_id)."""
+    require_file(csv_path, "prompt file", "expected the DPG-Bench CSV")
+    with csv_path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or [])
+        missing = {"item_id", "text"} - fields
+        if missing:
+            cols = ", ".join(sorted(missing))
+            raise ValueError(f"{csv_path}: missing column(s) {cols}; expected the DPG-Bench CSV")
+        for lineno, row in enumerate(reader, 2):
+            item = (row["item_id"] or "").strip()
+            if not item:
+                raise ValueError(f"{csv_path}:{lineno}: empty item_id")
+            texts.setdefault(item, row["text"])
+            extra.setdefault(item, {"keywords": row.get("keywords") or ""})
+            q = questions.setdefault(item, [])
+            if row.get("question_natural_language"):
+                where = f"{csv_path}:{lineno}"
+                raw_pid = row.get("proposition_id") or ""
+                try:
+                    pid = int(raw_pid)
+                except ValueError:
+                    raise ValueError(f"{where}: proposition_id {raw_pid!r} is not an integer") from None
+                q.append({
+                    "proposition_id": pid,
+                    "question": row["question_natural_language"],
+                    "dependency": _parse_dependency(row.get("dependency") or "0", where),
+                    "tuple": row.get("tuple") or "",
+                    "category_broad": row.get("category_broad") or "",
+                    "category_detailed": row.get("category_detailed") or "",
+                })
+
+
 # -------------------------------------------------------------------------------------- LongText-Bench
 _LONGTEXT_FILES = {"en": "text_prompts.jsonl", "zh": "text_prompts_zh.jsonl"}
 
@@ -175,7 +204,7 @@ def _read_longtext_file(path: Path, lang: str | None, id_prefix: str) -> list[Be
     what = "LongText-Bench prompts (prompt_id, prompt, text)"
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path, what))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: invalid JSON ({exc.msg}); expected {what}") from None
         if not isinstance(data, list) or not data or not all(isinstance(o, dict) for o in data):

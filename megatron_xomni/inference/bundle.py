@@ -1,7 +1,8 @@
 """Where the four parts of an X-Omni model live, and whether they fit together.
 
-Everything here reads configuration files only (model_config.json, the tokenizers' configs,
-decoder_config.json) and the small text tokenizer: a wrong path, a tokenizer that does not
+Everything here reads configuration files (model_config.json, the tokenizers' configs,
+decoder_config.json), file headers and sizes (megatron_xomni.file_checks: dist-ckpt parts,
+safetensors headers) and the small text tokenizer: a wrong, empty or damaged file, a tokenizer that does not
 match the model, a decoder trained on another tokenizer or an impossible image size is reported
 as one ValueError line naming the fix, before a single weight is loaded or a process group starts.
 
@@ -14,13 +15,18 @@ A bundle is a folder with the four parts as subfolders:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_xomni.file_checks import check_dist_checkpoint, read_json, require_dir
+
 BUNDLE_PARTS = ("model", "text_tokenizer", "image_tokenizer", "decoder")
 PREPROCESS_CHOICES = ("auto", "tiny", "xomni")
+# model_config.json fields that fix the weight shapes: without them the file cannot describe the checkpoint
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                      "text_vocab_size", "image_vocab_size", "image_table_size", "num_vision_adapter_layers",
+                      "num_vision_head_layers")
 
 
 @dataclass
@@ -43,9 +49,7 @@ class PipelinePaths:
     def from_bundle(cls, bundle: str | Path, iteration: Optional[int] = None,
                     require_decoder: bool = True) -> "PipelinePaths":
         """The four subfolders of a bundle (see the module docstring)."""
-        root = Path(bundle)
-        if not root.is_dir():
-            raise ValueError(f"bundle {root} does not exist: pass a folder with subfolders {', '.join(BUNDLE_PARTS)}")
+        root = require_dir(bundle, "bundle", f"pass a folder with subfolders {', '.join(BUNDLE_PARTS)}")
         dec = root / "decoder"
         if require_decoder and not dec.is_dir():
             raise ValueError(f"bundle {root} has no decoder/ subfolder: export the decoder there or pass --decoder")
@@ -134,26 +138,12 @@ class PipelineSpec:
         return cfg
 
 
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{what}: {path} does not exist; {fix}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON ({e.msg}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what}: {path} holds a {type(data).__name__}, not an object; {fix}")
-    return data
-
-
 def _resolve_model(paths: PipelinePaths) -> Path:
     from megatron_xomni.checkpointing import LATEST, resolve_checkpoint
 
-    root = Path(paths.model)
-    if not root.exists():
-        raise ValueError(f"model checkpoint {root} does not exist: pass the checkpoint root of a training run "
-                         "or of tools/convert_checkpoint.py")
-    if (root / "model_config.json").is_file() and not (root / LATEST).exists():
+    root = require_dir(paths.model, "model checkpoint", "pass the checkpoint root of a training run or of "
+                       "xomni convert")
+    if (root / "model_config.json").exists() and not (root / LATEST).exists():
         return root  # an iter_* folder given directly
     try:
         return resolve_checkpoint(root, paths.iteration)
@@ -161,63 +151,53 @@ def _resolve_model(paths: PipelinePaths) -> Path:
         raise ValueError(str(e)) from None
 
 
-def inspect_paths(paths: PipelinePaths) -> PipelineSpec:
-    """Read and cross-check the configurations; no weights are loaded. ValueError (one line) on any problem."""
+def _model_config(ckpt: Path):
     from megatron_xomni.models.xomni.config import XOmniModelConfig
-    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
-    from megatron_xomni.models.siglip_vq.config import SigLIPVQConfig
 
-    # Existence first, so the error names the first missing part rather than a mismatch.
-    for name in ("text_tokenizer", "image_tokenizer", "decoder"):
-        value = getattr(paths, name)
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"{name.replace('_', ' ')} folder {value} does not exist: check --{name.replace('_', '-')}")
-    ckpt = _resolve_model(paths)
-    mdict = _read_json(ckpt / "model_config.json", "model config",
-                       "the checkpoint was not written by megatron_xomni (convert it with tools/convert_checkpoint.py)")
+    path = ckpt / "model_config.json"
+    mdict = read_json(path, "model config", "restore it from the run that wrote the checkpoint, or re-convert "
+                      "the checkpoint (xomni convert)", required=MODEL_SHAPE_FIELDS)
     try:
         mcfg = XOmniModelConfig.from_dict(mdict)
         mcfg.validate()
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{ckpt / 'model_config.json'}: {e}") from None
+        raise ValueError(f"{path}: {e}") from None
+    return mcfg
+
+
+def inspect_paths(paths: PipelinePaths) -> PipelineSpec:
+    """Read and cross-check the configurations; no weights are loaded. ValueError (one line) on any problem."""
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
+    from megatron_xomni.models.siglip_vq.model import check_pretrained
+
+    # Existence first, so the error names the first missing part rather than a mismatch.
+    for name in ("text_tokenizer", "image_tokenizer", "decoder"):
+        value = getattr(paths, name)
+        if value is not None:
+            require_dir(value, f"{name.replace('_', ' ')} folder", f"check --{name.replace('_', '-')}")
+    ckpt = _resolve_model(paths)
+    mcfg = _model_config(ckpt)
+    check_dist_checkpoint(ckpt, "re-save the checkpoint, or re-convert it (xomni convert)")
 
     text_tok = XOmniTextTokenizer.load(paths.text_tokenizer)
     text_tok.check_text_vocab(mcfg.text_vocab_size)
 
-    icfg_dict = _read_json(Path(paths.image_tokenizer) / "config.json", "image tokenizer config",
-                           "pass a folder written by SiglipVQTokenizer.save_pretrained")
-    try:
-        icfg = SigLIPVQConfig.from_dict(icfg_dict)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{paths.image_tokenizer}/config.json: {e}") from None
-    if not (Path(paths.image_tokenizer) / "model.safetensors").is_file():
-        raise ValueError(f"image tokenizer {paths.image_tokenizer} has no model.safetensors; "
-                         "save it with SiglipVQTokenizer.save_pretrained")
+    icfg = check_pretrained(paths.image_tokenizer)
     if int(mcfg.image_vocab_size) != int(icfg.codebook_size):
         raise ValueError(f"model image_vocab_size={mcfg.image_vocab_size} != image tokenizer codebook size "
                          f"{icfg.codebook_size}: use the image tokenizer the model was trained with")
 
     dcfg = None
     if paths.decoder is not None:
-        from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS, DecoderConfig
+        from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS
+        from megatron_xomni.models.flux_decoder.model import check_export
 
-        dpath = Path(paths.decoder) / "decoder_config.json"
-        if not dpath.is_file():
-            raise ValueError(f"decoder {paths.decoder} has no decoder_config.json: pass a folder written by "
-                             "XOmniDecoder.save_pretrained (or tools' decoder export)")
-        try:
-            dcfg = DecoderConfig.from_json(dpath)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{dpath}: {e}") from None
+        dcfg = check_export(paths.decoder)
         if int(dcfg.adapter_dim) != int(icfg.adapter_dim):
             raise ValueError(f"decoder adapter_dim={dcfg.adapter_dim} != image tokenizer adapter_dim="
                              f"{icfg.adapter_dim}: use the decoder trained on this image tokenizer's features")
         if int(icfg.patch_size) != TOKEN_PIXELS:
             raise ValueError(f"image tokenizer patch {icfg.patch_size} px != decoder token size {TOKEN_PIXELS} px: "
                              "their grids would not align; use a patch-16 tokenizer")
-        frozen = Path(dcfg.pretrained_path) if dcfg.pretrained_path else Path(paths.decoder)
-        if not (frozen / "vae").is_dir():
-            raise ValueError(f"decoder VAE folder {frozen / 'vae'} does not exist: re-export the decoder with "
-                             "save_frozen=True or restore its pretrained_path")
     return PipelineSpec(paths=paths, checkpoint=ckpt, model_config=mcfg, text_tokenizer=text_tok,
                         image_config=icfg, decoder_config=dcfg)

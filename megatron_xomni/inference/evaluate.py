@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +25,9 @@ from PIL import Image
 
 BENCHMARKS = ("world", "geneval", "dpg", "longtext")
 DEFAULT_IMAGES = {"world": 2, "geneval": 4, "dpg": 4, "longtext": 4}
+# Ids from a prompt file become file names under --out: one plain name each (no separators, no leading
+# dot), so that `../..`, an absolute path or a hidden name cannot write outside --out.
+_PLAIN_NAME = re.compile(r"\w[\w.\-]*")
 
 
 @dataclass
@@ -66,7 +70,36 @@ def load_prompts(benchmark: str, path: Optional[str], per_skill: int, height: in
         prompts = prompts[: max(0, int(limit))]
     if not prompts:
         raise ValueError(f"no {benchmark} prompts to evaluate")
+    output_stems(benchmark, prompts, where=path)
     return prompts
+
+
+def _file_stem(p, benchmark: str) -> str:
+    """The part of the output file name that comes from the prompt file (dpg: item_id; longtext: prompt_id)."""
+    return p.id if benchmark == "dpg" else p.meta.get("prompt_id", p.id)
+
+
+def output_stems(benchmark: str, prompts: list, where=None) -> list[Optional[str]]:
+    """Per prompt, the id that names its output files (None where the name is our own index). ValueError
+    (one line) when an id is not a plain file name or two prompts would write the same files."""
+    if benchmark not in ("dpg", "longtext"):
+        return [None] * len(prompts)
+    seen: dict[tuple, str] = {}
+    stems = []
+    src = f"{where}: " if where else ""
+    for p in prompts:
+        stem = _file_stem(p, benchmark)
+        field = "item_id" if benchmark == "dpg" else "prompt_id"
+        if not isinstance(stem, str) or not _PLAIN_NAME.fullmatch(stem):
+            raise ValueError(f"{src}{field} {stem!r} is not a plain file name (letters, digits, '_', '-', '.'; "
+                             "no '/' and no leading '.'): it names an output file under --out; fix the prompt file")
+        key = (p.meta.get("lang", "en") if benchmark == "longtext" else "", stem)
+        if key in seen:
+            raise ValueError(f"{src}two prompts have {field} {stem!r}: their images would overwrite each other; "
+                             "make the ids unique")
+        seen[key] = stem
+        stems.append(stem)
+    return stems
 
 
 def prompt_text(benchmark: str, p) -> str:
@@ -116,12 +149,13 @@ def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
                 _save(im, folder / "samples" / f"{j:05d}.png")
         summary["layout"] = "geneval: <out>/<index>/metadata.jsonl + samples/*.png"
     elif b == "dpg":
-        for p, imgs in zip(job.prompts, images):
-            _save(grid_image(imgs), out / f"{p.id}.png")
+        for p, imgs, stem in zip(job.prompts, images, output_stems(b, job.prompts)):
+            _save(grid_image(imgs), out / f"{stem}.png")
         summary["layout"] = f"dpg_bench: <out>/<item_id>.png ({len(images[0])} images per grid)"
     else:  # longtext
         from megatron_xomni.evaluation.longtext import LongTextReport, evaluate_image_dir
 
+        output_stems(b, job.prompts)  # every prompt_id is a plain, unique name
         langs = sorted({p.meta.get("lang", "en") for p in job.prompts})
         report = LongTextReport()
         for lang in langs:

@@ -23,7 +23,6 @@ seeds[k]. So an image reproduces on its own (same seed, one prompt) at any TP/PP
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -152,7 +151,13 @@ class XOmniPipeline:
         validate_layout(spec, par, torch.distributed.get_world_size())
         torch_dtype = resolve_dtype(dtype)
         chunks = build_model_chunks(spec.model_config, par, pg, params_dtype=torch_dtype)
-        load_model_state(chunks, load_checkpoint(spec.checkpoint, model_sharded_state_dict(chunks), partial=True))
+        try:
+            loaded = load_checkpoint(spec.checkpoint, model_sharded_state_dict(chunks), partial=True)
+        except Exception as e:  # the files passed inspect_paths' checks, so the tensors themselves do not fit
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"checkpoint {spec.checkpoint} cannot be loaded into the model its model_config.json "
+                             f"describes ({type(e).__name__}: {first}); re-save or re-convert it") from None
+        load_model_state(chunks, loaded)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         for c in chunks:
             c.to(device).eval().requires_grad_(False)
@@ -268,14 +273,19 @@ class XOmniPipeline:
         Rank 0 encodes and broadcasts, so all ranks condition on bit-identical codes."""
         payload: list = [None]
         if self.is_output_rank:
-            from megatron_xomni.data.preprocess import preprocess
+            from megatron_xomni.data.decode import open_image_file
+            from megatron_xomni.data.preprocess import preprocess, target_size
 
             out = []
             for n, img in enumerate(images):
                 if isinstance(img, (str, os.PathLike)):
-                    if not Path(img).is_file():
-                        raise ValueError(f"image {img} does not exist")
-                    with Image.open(img) as im:
+                    # header first: a missing/empty/foreign file, one above the pixel cap or outside the
+                    # size rules is refused before its pixels are decoded
+                    with open_image_file(img, self.preprocess.max_pixels) as im:
+                        try:
+                            target_size(im.height, im.width, self.preprocess)
+                        except ValueError as e:
+                            raise ValueError(f"image {img}: {e}") from None
                         img = im.convert("RGB")
                 if not isinstance(img, Image.Image):
                     raise ValueError(f"image {n} is a {type(img).__name__}: pass a path or a PIL image")

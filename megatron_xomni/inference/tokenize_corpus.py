@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ _WORKER_MODULES = ("torch", "megatron.core.datasets.indexed_dataset", "megatron_
                    "megatron_xomni.inference.tokenize_corpus")
 PARTS_SUFFIX = ".parts"
 FINGERPRINT_NAME = "run.json"
+# Fault injection for the kill/resume tests: "shards=N" SIGKILLs this process right after the N-th
+# shard of this run is published, "merge" after the first final file is written but before the
+# summary. A real SIGKILL (no cleanup, no finally blocks) at a chosen point, not a timing race.
+KILL_ENV = "XOMNI_TOKENIZE_KILL_AT"
 
 
 @dataclass
@@ -250,6 +255,12 @@ def tokenize_shard(worker: _ShardWorker, shard_idx: int, num_shards: int) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _maybe_kill(point: str, published: int = 0) -> None:
+    at = os.environ.get(KILL_ENV, "")
+    if at == point or (point == "shards" and at == f"shards={published}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -346,9 +357,10 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         if todo and cfg.workers == 1:
             worker = _ShardWorker(cfg, fmt, "cuda:0" if cfg.device == "cuda" else cfg.device)
             with _torch_threads(cfg.threads_per_worker):
-                for i in todo:
+                for n, i in enumerate(todo, 1):
                     markers[i] = tokenize_shard(worker, i, num_shards)
                     bar.update(reader.expected_counts[i] or 0)
+                    _maybe_kill("shards", n)
         elif todo:
             _run_pool(cfg, fmt, todo, num_shards, markers, bar, reader.expected_counts)
     finally:
@@ -390,12 +402,15 @@ def _run_pool(cfg, fmt, todo, num_shards, markers, bar, expected_counts) -> None
         futures = {pool.submit(_run_in_worker, i, num_shards): i for i in todo}
         pending = set(futures)
         try:
+            published = 0
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for fut in done:
                     i = futures[fut]
                     markers[i] = fut.result()  # re-raises a worker's error; finished shards keep their markers
                     bar.update(expected_counts[i] or 0)
+                    published += 1
+                    _maybe_kill("shards", published)
         except BaseException:
             for fut in pending:
                 fut.cancel()
@@ -435,6 +450,7 @@ def _merge(cfg, fmt, modes, parts: Path, num_shards: int, markers: dict[int, dic
                 writer.mask.add_index(part + "_lossmask")
                 writer.documents += markers[i]["modes"][m]["documents"]
             writer.finalize()
+            _maybe_kill("merge")
     finally:
         gc.unfreeze()
     summary = {

@@ -111,6 +111,20 @@ def _rank(rank, world, bundle):
     given = "a red circle"
     out["chat_history"] = pipe.chat_turns([img], [(QUESTIONS[0], given), QUESTIONS[1]], max_new_tokens=6)
     out["chat_history_ref"] = _reference_chat(model, tok, codes, QUESTIONS, cfg.text_vocab_size, 6, {0: given})
+
+    # 5. an image path whose header declares 20000x20000 is refused before decoding, naming the file
+    import tempfile
+
+    from tests.data.test_pixel_cap import header_only_png
+
+    with tempfile.TemporaryDirectory() as d:
+        huge = f"{d}/huge.png"
+        open(huge, "wb").write(header_only_png(20000, 20000))
+        try:
+            pipe.chat_turns([huge], QUESTIONS[:1], max_new_tokens=2)
+            out["huge"] = None
+        except ValueError as e:
+            out["huge"] = (huge, str(e))
     return out
 
 
@@ -128,6 +142,8 @@ def test_pipeline_matches_references(bundle):
     assert r["chat_last"] == r["chat_ref"][-1]
     assert r["chat_history"] == r["chat_history_ref"]
     assert r["chat_history"][0] == "a red circle"
+    path, msg = r["huge"]
+    assert msg.startswith(f"image {path}: image 20000x20000 has 400,000,000 pixels, above the cap")
 
 
 def test_spec_rejects_bad_sizes_and_prompts(bundle):

@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -91,12 +92,12 @@ def test_config_errors_stop_before_training_in_one_line(data):
     import os
 
     # As torchrun would launch it on 6 ranks: the layout is refused before any process group.
-    out = subprocess.run(["python", "-m", "megatron_xomni.train", "tiny_pt", "parallel.tensor_parallel=3"],
+    out = subprocess.run([sys.executable, "-m", "megatron_xomni.train", "tiny_pt", "parallel.tensor_parallel=3"],
                          capture_output=True, text=True, timeout=120, cwd=data, env={**os.environ, "WORLD_SIZE": "6"})
     assert out.returncode == 2
     err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "num_attention_heads=4 is not divisible by tensor_parallel=3" in err[0]
-    out = subprocess.run(["python", "-m", "megatron_xomni.train", "tiny_pt", "optim.lrr=1"],
+    out = subprocess.run([sys.executable, "-m", "megatron_xomni.train", "tiny_pt", "optim.lrr=1"],
                          capture_output=True, text=True, timeout=120, cwd=data)
     assert out.returncode == 2 and "unknown config key 'optim.lrr'" in out.stderr
     missing = run_trainer(1, "tiny_pt", _ov(data, "missing", 'data.blend=["nowhere/x"]'), data)

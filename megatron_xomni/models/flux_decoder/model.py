@@ -14,8 +14,9 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from megatron_xomni.file_checks import BadFile, check_pretrained_folder, read_json, require_dir
 from megatron_xomni.models.flux_decoder.config import LATENT_PATCH, TOKEN_PIXELS, VAE_SCALE, DecoderConfig
-from megatron_xomni.models.flux_decoder.prompt import PromptEncoder
+from megatron_xomni.models.flux_decoder.prompt import CLIP_DIR, T5_DIR, PromptEncoder
 
 TRANSFORMER_DIR, VAE_DIR, CONFIG_FILE = "transformer", "vae", "decoder_config.json"
 # Parameter names that do not exist in FLUX.1-dev; everything else loads from it.
@@ -305,9 +306,7 @@ class XOmniDecoder(nn.Module):
     def from_pretrained(cls, path: str | Path, variant: str | None = None, torch_dtype=None) -> "XOmniDecoder":
         """Load an export; ``variant`` (if given) must match the saved one."""
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"{path} has no {CONFIG_FILE}; it is not an X-Omni decoder export (use build_decoder for FLUX)")
-        cfg = DecoderConfig.from_json(path / CONFIG_FILE)
+        cfg = check_export(path)
         if variant is not None and variant != cfg.variant:
             raise ValueError(f"{path} holds a {cfg.variant!r} decoder but a {variant!r} decoder was requested")
         transformer = SemanticFluxTransformer.from_pretrained(path / TRANSFORMER_DIR, torch_dtype=torch_dtype)
@@ -317,6 +316,27 @@ class XOmniDecoder(nn.Module):
         vae = AutoencoderKL.from_pretrained(frozen / VAE_DIR, torch_dtype=torch_dtype)
         prompt = PromptEncoder.from_pretrained(cfg, frozen, torch_dtype) if cfg.variant == "text" else None
         return cls(cfg, transformer, vae, prompt)
+
+
+def check_export(path: str | Path) -> DecoderConfig:
+    """The DecoderConfig of an export after checking its files (configs and safetensors headers of the
+    transformer, the VAE and, for the text variant, both text encoders); BadFile names the first bad one."""
+    fix = "re-export the decoder with XOmniDecoder.save_pretrained"
+    path = require_dir(path, "decoder folder", fix)
+    read_json(path / CONFIG_FILE, "decoder config", f"{fix} (a FLUX checkpoint loads with build_decoder)",
+              required=("variant", "adapter_dim"))
+    try:
+        cfg = DecoderConfig.from_json(path / CONFIG_FILE)
+    except (TypeError, ValueError) as e:
+        raise BadFile(f"decoder config {path / CONFIG_FILE}: {e}") from None
+    check_pretrained_folder(path / TRANSFORMER_DIR, "diffusion_pytorch_model.safetensors", "decoder transformer", fix)
+    frozen = Path(cfg.pretrained_path) if cfg.pretrained_path else path
+    frozen_fix = fix + " (save_frozen=True), or restore its pretrained_path"
+    check_pretrained_folder(frozen / VAE_DIR, "diffusion_pytorch_model.safetensors", "decoder VAE", frozen_fix)
+    if cfg.variant == "text":
+        for sub in (CLIP_DIR, T5_DIR):
+            check_pretrained_folder(frozen / sub, "model.safetensors", "decoder text encoder", frozen_fix)
+    return cfg
 
 
 def build_decoder(cfg: DecoderConfig, seed: int = 0, torch_dtype=None) -> XOmniDecoder:

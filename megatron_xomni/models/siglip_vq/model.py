@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megatron_xomni.file_checks import BadFile, check_safetensors, read_json, require_dir
 from megatron_xomni.models.siglip_vq.adapter import ConvAdapter
 from megatron_xomni.models.siglip_vq.config import SigLIPVQConfig
 from megatron_xomni.models.siglip_vq.encoder import SiglipViTEncoder
@@ -23,6 +24,9 @@ from megatron_xomni.models.siglip_vq.quantizer import IndexBackpropQuantizer, ne
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# config.json fields that fix the weight shapes: a file without them cannot describe its weights
+SHAPE_FIELDS = ("patch_size", "width", "num_layers", "num_heads", "mlp_dim", "pos_grid", "codebook_size",
+                "codebook_dim", "adapter_dim")
 
 
 class SiglipVQTokenizer(nn.Module):
@@ -115,10 +119,26 @@ class SiglipVQTokenizer(nn.Module):
                         **overrides: Any) -> "SiglipVQTokenizer":
         """Load what save_pretrained wrote; `overrides` change config fields (e.g. freeze_encoder)."""
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists() or not (directory / WEIGHTS_NAME).exists():
-            raise ValueError(f"{directory} is not a SiglipVQTokenizer checkpoint (needs {CONFIG_NAME} and "
-                             f"{WEIGHTS_NAME}); write one with save_pretrained")
-        cfg = SigLIPVQConfig.from_dict({**SigLIPVQConfig.load(directory / CONFIG_NAME).to_dict(), **overrides})
+        cfg = SigLIPVQConfig.from_dict({**check_pretrained(directory).to_dict(), **overrides})
         model = cls(cfg)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)), strict=True)
+        try:
+            model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)), strict=True)
+        except RuntimeError as e:  # names or shapes that do not fit config.json
+            first = str(e).strip().splitlines()[-1].strip()
+            raise BadFile(f"image tokenizer weights {directory / WEIGHTS_NAME} do not fit its {CONFIG_NAME} "
+                          f"({first}); save config and weights together with save_pretrained") from None
         return model.to(device)
+
+
+def check_pretrained(directory: str | Path) -> SigLIPVQConfig:
+    """The config of a save_pretrained folder after checking config.json (JSON with the shape fields) and
+    model.safetensors (a readable header); BadFile (one line) names the first bad file."""
+    fix = "write the image tokenizer with SiglipVQTokenizer.save_pretrained"
+    d = require_dir(directory, "image tokenizer folder", fix)
+    data = read_json(d / CONFIG_NAME, "image tokenizer config", fix, required=SHAPE_FIELDS)
+    try:
+        cfg = SigLIPVQConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise BadFile(f"image tokenizer config {d / CONFIG_NAME}: {e}") from None
+    check_safetensors(d / WEIGHTS_NAME, "image tokenizer weights", fix)
+    return cfg

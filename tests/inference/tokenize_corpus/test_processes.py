@@ -3,12 +3,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from megatron_xomni.inference.tokenize_corpus import tokenize_corpus
+from megatron_xomni.inference.tokenize_corpus import KILL_ENV, tokenize_corpus
 from tests.inference.tokenize_corpus.corpus_helpers import TV, make_cfg, read_outputs
 
 REPO = Path(__file__).resolve().parents[3]
@@ -22,32 +21,27 @@ def test_two_workers_give_identical_files(reference, corpus, text_tok_dir, tmp_p
     assert summary["modes"] == ref_summary["modes"] and summary["skip_report"] == ref_summary["skip_report"]
 
 
-def test_cli_killed_mid_run_then_resumed(reference, corpus, text_tok_dir, tmp_path):
-    """SIGKILL the CLI after its first shard is published (no cleanup runs), then resume."""
+@pytest.mark.parametrize("kill_at", ["shards=1", "merge"])
+def test_cli_killed_mid_run_then_resumed(reference, corpus, text_tok_dir, tmp_path, kill_at):
+    """The CLI SIGKILLs itself (no cleanup runs) after its first shard is published, or in the
+    middle of the merge (every shard done, one final file written, no summary); resume must
+    then give the uninterrupted run's files."""
     ref_out, ref_summary = reference
     out = tmp_path / "tok"
     cmd = [sys.executable, str(REPO / "tools" / "tokenize_corpus.py"), str(corpus), str(out), "--text-tokenizer",
            str(text_tok_dir), "--image-tokenizer", "tiny", "--text-vocab-size", str(TV), "--batch-size", "4",
            "--quiet", "--workers", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = tmp_path / "cli.log"  # a file, not a pipe: a full pipe would stall the child
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_ENV: kill_at}
+    proc = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, f"not killed (rc {proc.returncode}): {proc.stderr[-2000:]}"
     parts = Path(f"{out}.parts")
-    deadline = time.time() + 240
-    while not list(parts.glob("done-*.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    if proc.poll() is not None and not Path(f"{out}.json").exists():
-        pytest.fail(f"CLI failed: {log.read_text()[-2000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if Path(f"{out}.json").exists():
-        pytest.skip("the run finished before it could be killed")
     done = sorted(p.name for p in parts.glob("done-*.json"))
-    # Killed before the run completed: after some shards, or (on a fast machine) after all shards
-    # but during the merge; resume must give identical outputs from either point.
-    assert done
-    assert not Path(f"{out}_generation.bin").exists()
+    assert not Path(f"{out}.json").exists()  # the summary marks a complete run
+    if kill_at == "merge":
+        assert len(done) == 4 and Path(f"{out}_generation.bin").exists()
+    else:
+        assert done == ["done-000000.json"] and not Path(f"{out}_generation.bin").exists()
     summary = tokenize_corpus(make_cfg(corpus, text_tok_dir, out, resume=True))
     assert read_outputs(out) == read_outputs(ref_out)
     assert summary["skip_report"] == ref_summary["skip_report"]
+    assert not parts.exists()
