@@ -1,33 +1,33 @@
 """A lean decode path over the policy's own parameters, in its training layout.
 
 The megatron-core forward with a `StaticInferenceContext` (the reference, `rl/rollout.py`) costs
-far more per decoded token than its matmuls: about 30 modules, autograd Functions and
-TP-mapping wrappers per layer, RoPE re-applied to every cached key on every step, the KV cache
-written through a dict per layer, both output heads computed on every step, and the sampler
-drawing one random number per row through its own generator. This module runs the same
-network with plain tensor ops instead:
+far more per decoded token than its matmuls (profile in benchmarks/RESULTS.md): ~30 modules,
+autograd Functions and TP-mapping wrappers per layer, RoPE re-applied to every cached key on
+every step, both output heads on every step, the CPU-compat TorchFunctionMode on every op, and a
+sampler drawing one random number per row through its own generator. This module runs the same
+network with plain tensor ops:
 
-- Weights: the megatron-core modules' own `Parameter` objects, read at call time: no copy, no
-  refit, so an optimizer step (in place) is seen by the next rollout. TP shards are used as
-  they are (column-parallel outputs stay sharded; the row-parallel outputs and the
-  vocab-parallel embedding are all-reduced over `pg.tp`, the head logits all-gathered).
-- Static KV caches, preallocated per generation batch as [layers, rows, groups, max_len, dim],
-  keys stored after RoPE (each key is rotated once, not once per later step); RoPE cos/sin
-  come from the chunk's own `rotary_pos_emb` table.
-- Only the head of the mode is computed: the text head in text mode, the first
-  `image_vocab_size` image-head rows in image mode (the spare slots the reference masks to
-  -inf are never computed at TP=1). Vision blocks are skipped where they cannot matter (new
-  text tokens when no image token can follow: text-mode decode).
+- Weights: the megatron-core modules' own `Parameter` objects, looked up when a generation
+  batch starts: no copy, no refit, so an optimizer step (in place) is seen by the next rollout.
+  TP shards are used as they are (column-parallel outputs stay sharded; row-parallel outputs and
+  the vocab-parallel embedding are all-reduced over `pg.tp`, the head logits all-gathered).
+- Static KV caches, preallocated per generation batch as one [rows, groups, max_len, dim] pair
+  per layer, keys stored after RoPE (rotated once, not once per later step); RoPE angles come
+  from the chunk's own `rotary_pos_emb`.
+- Only the head of the mode: the text head in text mode, the first `image_vocab_size` image-head
+  rows in image mode (the spare slots the reference masks to -inf are not computed at TP=1).
+  Vision blocks are skipped where they cannot matter (text-mode decode: new text positions keep
+  the block's input, and no image token follows whose attention would read their keys).
 - Classifier-free guidance runs the conditional and unconditional rows as one batch (one weight
   read per step instead of two); only attention is per branch.
-- Sampling is fused: the uniforms of all steps are drawn up front (`torch.rand(steps)` from a
-  row's generator gives exactly the numbers `steps` single draws give), and min-p / the
-  inverse-CDF reuse one softmax.
+- Sampling is fused: every row's uniforms for all steps are drawn up front (`torch.rand(steps)`
+  from a generator gives exactly the numbers `steps` single draws give), and min-p and the
+  inverse CDF share one softmax.
 - PP / VPP: chunks run in pipeline order with hidden states sent between stages per step; the
   last stage samples and broadcasts (token, log-prob) over `pg.pp`, as the reference does.
 
-The network and sampling rules are those of the reference; tokens are identical and log-probs
-agree to float rounding (`tests/inference/test_decode.py`).
+Network and sampling rules are the reference's: tokens are identical and log-probs agree to float
+rounding (`tests/inference/test_decode.py`).
 """
 
 from __future__ import annotations
@@ -44,32 +44,37 @@ from megatron_xomni.models.xomni.norm import RMSNorm
 
 TEXT, IMAGE = "text", "image"
 
-# oneDNN's inner product (the kernel inductor's CPU backend emits for linears) on the dense weight:
-# AVX-512 where MKL's sgemm takes slower paths on some CPUs; measured 1.2-1.8x on decode shapes.
+# oneDNN's inner product (the kernel inductor's CPU backend emits for linears) reads the dense
+# weight as it is and runs AVX-512 where MKL's sgemm takes slower paths on some CPUs (1.3-2x on
+# decode shapes, measured); for tiny products its fixed cost per call loses to MKL.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_MIN_MACS = 1 << 20
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ w.T (+ b) for 2-D x, reading the parameter tensor as it is (no packed copy is kept)."""
-    if _ONEDNN and x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+    if (_ONEDNN and x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[0] * w.numel() >= _ONEDNN_MIN_MACS):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
 
-def _check_local_spec(layer) -> None:
-    if not (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.pre_mlp_layernorm, RMSNorm)):
-        raise ValueError(
-            f"the fast decode path reads the local layer spec (RMSNorm modules), got "
-            f"{type(layer.input_layernorm).__name__}: build the model with use_te=False or set "
-            f"RolloutConfig.fast=False"
-        )
+def _rms_norm(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm.RMSNorm`'s formula (fp32 statistics, weight in the input dtype) in one kernel."""
+    return F.rms_norm(x, (x.shape[-1],), module.weight, module.eps)
 
 
 class _Layer:
-    """One transformer layer's parameters (live `Parameter` objects) and shapes."""
+    """One transformer layer's parameters (the live `Parameter` objects) and shapes."""
 
     def __init__(self, layer):
-        _check_local_spec(layer)
+        if not (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.pre_mlp_layernorm, RMSNorm)):
+            raise ValueError(
+                f"the fast decode path reads the local layer spec (RMSNorm modules), got "
+                f"{type(layer.input_layernorm).__name__}: build the model with use_te=False or set "
+                f"RolloutConfig.fast=False")
+        if not layer.config.gated_linear_unit:
+            raise ValueError("the fast decode path expects a gated MLP (SwiGLU): set RolloutConfig.fast=False")
         attn, mlp = layer.self_attention, layer.mlp
         self.vision = isinstance(layer, XOmniVisionLayer)
         self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
@@ -82,124 +87,128 @@ class _Layer:
         self.dim = attn.hidden_size_per_attention_head
         self.scale = attn.core_attention.softmax_scale
         self.act = layer.config.activation_func
-        if not layer.config.gated_linear_unit:
-            raise ValueError("the fast decode path expects a gated MLP (SwiGLU): set RolloutConfig.fast=False")
+        self.ffn = self.fc2_w.shape[1]
 
 
 class _Chunk:
-    """One model chunk (virtual pipeline stage) of this rank, with its KV cache."""
+    """One model chunk (virtual pipeline stage) of this rank, with its KV caches."""
 
     def __init__(self, model, tp_group):
         self.model = model
         self.cfg = model.model_cfg
         self.tp = tp_group
         self.tp_size = tp_group.size()
-        self.layers = [_Layer(l) for l in model.decoder.layers]
-        self.pre, self.post = model.pre_process, model.post_process
+        self.layers = [_Layer(layer) for layer in model.decoder.layers]
         self.dtype = model.config.params_dtype
-        self.k = self.v = None
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
 
-    # ---- setup per generation batch -------------------------------------------------------
     def allocate(self, rows: int, max_len: int, device) -> None:
-        """Static KV caches, one [rows, groups, max_len, dim] pair per layer (keys after RoPE)."""
-        self.k, self.v = [], []
-        for L in self.layers:
-            shape = (rows, L.groups, max_len, L.dim)
-            self.k.append(torch.empty(shape, dtype=self.dtype, device=device))
-            self.v.append(torch.empty(shape, dtype=self.dtype, device=device))
+        self.k = [torch.empty(rows, L.groups, max_len, L.dim, dtype=self.dtype, device=device) for L in self.layers]
+        self.v = [torch.empty_like(k) for k in self.k]
 
     def rope_tables(self, max_len: int):
-        """(cos, signed sin) [max_len, dim]: x_rot = x * cos + roll(x, dim/2) * signed_sin.
+        """(cos, signed sin) [max_len, dim] with rope(x) = x * cos + roll(x, dim/2) * signed_sin.
 
-        The angles are the model's own `rotary_pos_emb`; roll(x)·[-sin, sin] equals megatron's
-        rotate_half(x)·sin element for element.
+        roll(x, dim/2) * [-sin, sin] is megatron's rotate_half(x) * sin element for element.
         """
         freqs = self.model.rotary_pos_emb(max_len).reshape(max_len, -1)
-        cos = torch.cos(freqs).to(self.dtype)
-        sin = torch.sin(freqs).to(self.dtype)
+        cos, sin = torch.cos(freqs).to(self.dtype), torch.sin(freqs).to(self.dtype)
         half = sin.shape[-1] // 2
         return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
-    # ---- pieces of the forward -----------------------------------------------------------
+    # ---- tensor parallelism ---------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             torch.distributed.all_reduce(t, group=self.tp)
         return t
 
     def _row_parallel(self, x, w, b):
-        """A row-parallel linear: partial products summed over TP, then the bias (as megatron-core)."""
+        """Partial products summed over TP, then the bias, as megatron-core's RowParallelLinear."""
         out = self._all_reduce(linear(x, w))
         return out if b is None else out + b
 
-    def _lookup(self, emb_module, ids: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel embedding lookup of local rows (the caller all-reduces)."""
-        w = emb_module.weight
+    def _lookup(self, table, ids: torch.Tensor) -> torch.Tensor:
+        """VocabParallelEmbedding's local rows (ids outside this rank's range give zeros)."""
         if self.tp_size == 1:
-            return F.embedding(ids, w)
-        start, end = emb_module.vocab_start_index, emb_module.vocab_end_index
+            return F.embedding(ids, table.weight)
+        start, end = table.vocab_start_index, table.vocab_end_index
         outside = (ids < start) | (ids >= end)
-        out = F.embedding((ids - start).masked_fill(outside, 0), w)
+        out = F.embedding((ids - start).masked_fill(outside, 0), table.weight)
         return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
+    # ---- the forward ----------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, modality: Optional[str], image_mask) -> torch.Tensor:
         """[R, n] ids -> [R*n, hidden]; `modality` names the table when every id is of one kind."""
         v = self.cfg.text_vocab_size
-        text_table = self.model.embedding.word_embeddings
-        image_table = self.model.image_embedding.word_embeddings
+        text, image = self.model.embedding.word_embeddings, self.model.image_embedding.word_embeddings
         if modality == TEXT:
-            out = self._lookup(text_table, ids)
+            out = self._lookup(text, ids)
         elif modality == IMAGE:
-            out = self._lookup(image_table, ids - v)
+            out = self._lookup(image, ids - v)
         else:
-            text = self._lookup(text_table, ids.clamp(max=v - 1))
-            image = self._lookup(image_table, (ids - v).clamp(min=0))
-            out = torch.where(image_mask.unsqueeze(-1), image, text)
+            out = torch.where(image_mask.unsqueeze(-1), self._lookup(image, (ids - v).clamp(min=0)),
+                              self._lookup(text, ids.clamp(max=v - 1)))
         return self._all_reduce(out.reshape(-1, out.shape[-1]))
 
     def _attention(self, li: int, L: _Layer, qkv: torch.Tensor, n: int, segs, cos, ssin) -> torch.Tensor:
-        """Self-attention of n new tokens per row; segs are (first row, end row, start position)."""
+        """n > 1 new tokens per row (a prefix): causal within them, after the cached ones."""
         g, G, d = L.groups, L.per_group, L.dim
         rows = qkv.shape[0] // n
         qkv = qkv.view(rows, n, g, G + 2, d)
         qk = qkv[:, :, :, : G + 1]
         qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * ssin  # RoPE on queries and keys at once
         q = qk[:, :, :, :G].reshape(rows, n, g * G, d).transpose(1, 2)  # [rows, heads, n, d]
-        k = qk[:, :, :, G].transpose(1, 2)  # [rows, groups, n, d]
-        v = qkv[:, :, :, G + 1].transpose(1, 2)
-        kc, vc = self.k[li], self.v[li]
-        whole = len(segs) == 1 and segs[0][0] == 0 and segs[0][1] == kc.shape[0]
-        row0 = segs[0][0]
-        outs = []
+        k, v = qk[:, :, :, G].transpose(1, 2), qkv[:, :, :, G + 1].transpose(1, 2)  # [rows, groups, n, d]
+        outs, row0 = [], segs[0][0]
         for a, b, start in segs:
-            end = start + n
-            kseg = kc if whole else kc[a:b]
-            vseg = vc if whole else vc[a:b]
-            i, j = a - row0, b - row0
-            kseg[:, :, start:end] = k if whole else k[i:j]
-            vseg[:, :, start:end] = v if whole else v[i:j]
+            end, i, j = start + n, a - row0, b - row0
+            kc, vc = self.k[li][a:b], self.v[li][a:b]
+            kc[:, :, start:end] = k[i:j]
+            vc[:, :, start:end] = v[i:j]
             mask = None
-            if n > 1 and start > 0:  # a chunk after cached tokens: bottom-right aligned causal mask
+            if start > 0:  # bottom-right aligned causal mask
                 mask = torch.ones(n, end, dtype=torch.bool, device=qkv.device).tril(start)
-            ctx = F.scaled_dot_product_attention(
-                q if whole else q[i:j], kseg[:, :, :end], vseg[:, :, :end], attn_mask=mask,
-                is_causal=n > 1 and start == 0, scale=L.scale, enable_gqa=G > 1)
+            ctx = F.scaled_dot_product_attention(q[i:j], kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
+                                                 is_causal=start == 0, scale=L.scale, enable_gqa=G > 1)
             outs.append(ctx.transpose(1, 2).reshape((b - a) * n, g * G * d))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
-    def layers_forward(self, x: torch.Tensor, n: int, segs, cos, ssin, image_mask,
-                       run_vision: bool) -> torch.Tensor:
+    def _attention_step(self, li: int, L: _Layer, qkv: torch.Tensor, segs, cos, ssin) -> torch.Tensor:
+        """One new token per row (the decode step): the hot path, few tensor ops, no index parsing."""
+        g, G, d = L.groups, L.per_group, L.dim
+        rows = qkv.shape[0]
+        qkv = qkv.view(rows, g, G + 2, d)
+        qk = qkv.narrow(2, 0, G + 1)
+        qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * ssin  # RoPE on queries and keys at once
+        q = qk.narrow(2, 0, G).reshape(rows, g * G, 1, d)
+        k, v = qk.select(2, G), qkv.select(2, G + 1)
+        kc, vc = self.k[li], self.v[li]
+        outs = []
+        for a, b, start in segs:
+            whole = a == 0 and b == rows == kc.shape[0]
+            kseg, vseg = (kc, vc) if whole else (kc.narrow(0, a, b - a), vc.narrow(0, a, b - a))
+            i = a - segs[0][0]
+            kseg.select(2, start).copy_(k if whole else k.narrow(0, i, b - a))
+            vseg.select(2, start).copy_(v if whole else v.narrow(0, i, b - a))
+            outs.append(F.scaled_dot_product_attention(
+                q if whole else q.narrow(0, i, b - a), kseg.narrow(2, 0, start + 1), vseg.narrow(2, 0, start + 1),
+                scale=L.scale, enable_gqa=G > 1))
+        ctx = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        return ctx.view(rows, g * G * d)
+
+    def layers_forward(self, x: torch.Tensor, n: int, segs, cos, ssin, image_mask, run_vision: bool):
         """x [rows*n, hidden] of the cache rows in `segs` through this chunk's layers."""
-        hidden = (x.shape[-1],)
         for li, L in enumerate(self.layers):
             if L.vision and not run_vision:
                 continue
-            # F.rms_norm is RMSNorm's formula (norm.py) in one kernel.
-            h = F.rms_norm(x, hidden, L.norm1.weight, L.norm1.eps)
-            att = self._attention(li, L, linear(h, L.qkv_w, L.qkv_b), n, segs, cos, ssin)
+            qkv = linear(_rms_norm(L.norm1, x), L.qkv_w, L.qkv_b)
+            att = (self._attention_step(li, L, qkv, segs, cos, ssin) if n == 1
+                   else self._attention(li, L, qkv, n, segs, cos, ssin))
             y = x + self._row_parallel(att, L.proj_w, L.proj_b)
-            h = F.rms_norm(y, hidden, L.norm2.weight, L.norm2.eps)
-            gate, up = torch.chunk(linear(h, L.fc1_w, L.fc1_b), 2, dim=-1)
-            out = y + self._row_parallel(L.act(gate) * up, L.fc2_w, L.fc2_b)
+            gu = linear(_rms_norm(L.norm2, y), L.fc1_w, L.fc1_b)
+            out = y + self._row_parallel(L.act(gu.narrow(1, 0, L.ffn)) * gu.narrow(1, L.ffn, L.ffn),
+                                         L.fc2_w, L.fc2_b)
             if L.vision and image_mask is not None:  # vision blocks update image positions only
                 out = torch.where(image_mask.reshape(-1, 1), out, x)
             x = out
@@ -209,10 +218,10 @@ class _Chunk:
         """Final norm by the last input token's modality, then the mode's head: [R, V_mode] fp32."""
         norm = self.model.decoder.final_layernorm
         if isinstance(last_is_image, bool):
-            h = (norm.image_norm if last_is_image else norm.text_norm).forward(x_last)
+            h = _rms_norm(norm.image_norm if last_is_image else norm.text_norm, x_last)
         else:
-            h = torch.where(last_is_image.unsqueeze(-1), norm.image_norm.forward(x_last),
-                            norm.text_norm.forward(x_last))
+            h = torch.where(last_is_image.unsqueeze(-1), _rms_norm(norm.image_norm, x_last),
+                            _rms_norm(norm.text_norm, x_last))
         ivs = self.cfg.image_vocab_size
         if mode == TEXT:
             logits = linear(h, self.model.output_layer.weight)
@@ -221,7 +230,7 @@ class _Chunk:
             logits = linear(h, w[:ivs] if self.tp_size == 1 else w)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp)
+            torch.distributed.all_gather(parts, logits, group=self.tp)
             logits = torch.cat(parts, dim=-1)
             if mode == IMAGE:
                 logits = logits[:, :ivs]
@@ -229,7 +238,7 @@ class _Chunk:
 
 
 class DecodeEngine:
-    """The lean forward of this rank's chunks in pipeline order; see the module docstring."""
+    """The lean forward of this rank's chunks in pipeline order, and a generation loop over it."""
 
     def __init__(self, chunks: Sequence, pg):
         models = [unwrap_model(c) for c in chunks]
@@ -258,21 +267,30 @@ class DecodeEngine:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, segs, pos: torch.Tensor, modality: Optional[str], mode: str):
-        """Forward n new tokens [R, n]; logits [R, V_mode] on the last stage.
+        """Forward n new tokens [R, n]; logits [R, V_mode] on the last stage, None elsewhere.
 
         segs: consecutive (first row, end row, start) ranges of cache rows whose tokens sit at
-        positions start..start+n-1 (together the R rows of `tokens`); `pos` [R] holds every row's start. `modality` is TEXT/IMAGE when every
-        new token is of that kind, None for a mixed prefix.
+        positions start..start+n-1 (together the R rows of `tokens`); `pos` [R] holds each row's
+        start. `modality` is TEXT/IMAGE when every new token is of that kind, None for a prefix.
         """
         R, n = tokens.shape
         v = self.cfg.text_vocab_size
-        # Vision blocks: kept in full at image positions (no mask needed when all are), skipped when
-        # every new token is text in text mode (their keys would only matter to a later image token).
-        image_mask = None if modality == IMAGE else tokens >= v
-        run_vision = mode == IMAGE or (modality is None and bool(image_mask.any()))
-        idx = pos.unsqueeze(1) + torch.arange(n, device=tokens.device) if n > 1 else pos.unsqueeze(1)
-        cos = self.cos[idx].view(R, n, 1, 1, -1)
-        ssin = self.ssin[idx].view(R, n, 1, 1, -1)
+        # Vision blocks: no mask when every new token is an image token, skipped in text-mode decode.
+        run_vision = mode == IMAGE
+        image_mask = None
+        if modality is None:
+            image_mask = tokens >= v
+            run_vision = run_vision or bool(image_mask.any())
+        elif modality == TEXT and run_vision:
+            image_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        if n == 1 and len(segs) == 1:  # one position for all rows: a view of the table
+            start = segs[0][2]
+            cos, ssin = self.cos[start].view(1, 1, 1, -1), self.ssin[start].view(1, 1, 1, -1)
+        elif n == 1:  # [R, 1, 1, d] against [R, groups, heads, d]
+            cos, ssin = self.cos[pos].view(R, 1, 1, -1), self.ssin[pos].view(R, 1, 1, -1)
+        else:  # [R, n, 1, 1, d] against [R, n, groups, heads, d]
+            idx = pos.unsqueeze(1) + torch.arange(n, device=tokens.device)
+            cos, ssin = self.cos[idx].view(R, n, 1, 1, -1), self.ssin[idx].view(R, n, 1, 1, -1)
         x, out = None, None
         for i, (vi, r) in enumerate(self.order):
             if r != self.pp_rank:
@@ -287,75 +305,64 @@ class DecodeEngine:
             if i < len(self.order) - 1:
                 torch.distributed.send(x, dst=self.pp_ranks[self.order[i + 1][1]], group=self.pg.pp)
             else:
-                last = x.view(R, n, -1)[:, -1]
+                last = x if n == 1 else x.view(R, n, -1)[:, -1]
                 last_is_image = (modality == IMAGE) if modality is not None else tokens[:, -1] >= v
                 out = chunk.head(last, last_is_image, mode)
         return out
-
-    def broadcast_from_last(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
-        if self.pp == 1:
-            return t
-        if t is None:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-        torch.distributed.broadcast(t, src=self.pp_ranks[-1], group=self.pg.pp)
-        return t
 
     def generate(self, prompts: torch.Tensor, generators: list, *, mode: str, steps: int,
                  stop_id: Optional[int], sampling, cfg_scale: float = 1.0,
                  uncond: Optional[torch.Tensor] = None):
         """Generate for equal-length prompts [b, p]: (tokens [b, t], log-probs [b, t], n_sampled [b]).
 
-        Same contract as the reference controller: `generators` are the rows' sampling streams,
-        log-probs are those of the conditional branch at temperature 1 over the mode's vocabulary.
+        The reference controller's contract: `generators` are the rows' sampling streams;
+        log-probs are the conditional branch's at temperature 1 over the mode's vocabulary;
+        with `stop_id`, finished rows are padded with it and `n_sampled` counts sampled tokens.
         """
-        with cpu_compat.suspended():
-            return self._generate(prompts, generators, mode=mode, steps=steps, stop_id=stop_id,
-                                  sampling=sampling, cfg_scale=cfg_scale, uncond=uncond)
+        with torch.no_grad(), cpu_compat.suspended():
+            return self._generate(prompts, generators, mode, steps, stop_id, sampling, cfg_scale, uncond)
 
-    def _generate(self, prompts, generators, *, mode, steps, stop_id, sampling, cfg_scale, uncond):
+    def _generate(self, prompts, generators, mode, steps, stop_id, sampling, cfg_scale, uncond):
         b, p = prompts.shape
-        pu = 0 if uncond is None else uncond.numel()
-        rows = b if uncond is None else 2 * b
-        self.allocate(rows, max(p, pu) + steps)
         dev = prompts.device
+        pu = 0 if uncond is None else uncond.numel()
+        self.allocate(b if uncond is None else 2 * b, max(p, pu) + steps)
         u = None
         if sampling.temperature > 0:
             u = torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in generators]).to(dev)
         v = self.cfg.text_vocab_size
-        tok_mod = IMAGE if mode == IMAGE else TEXT
-        # Prefill: each branch's prompt at positions 0..len-1.
-        out = self.forward(prompts, [(0, b, 0)], torch.zeros(b, dtype=torch.long, device=dev), None, mode)
-        out_u = None
+        zeros = torch.zeros(b, dtype=torch.long, device=dev)
+        # Prefill each branch's prompt at positions 0..len-1, then decode both branches as one batch.
+        out = self.forward(prompts, [(0, b, 0)], zeros, None, mode)
+        segs, pos, out_u = [(0, b, p)], torch.full((b,), p, dtype=torch.long, device=dev), None
         if uncond is not None:
-            rep = uncond.to(dev).unsqueeze(0).expand(b, -1)
-            out_u = self.forward(rep, [(b, 2 * b, 0)], torch.zeros(b, dtype=torch.long, device=dev), None, mode)
-        segs = [(0, b, p)] if uncond is None else [(0, b, p), (b, 2 * b, pu)]
-        pos = torch.full((b,), p, dtype=torch.long, device=dev)
-        if uncond is not None:
+            out_u = self.forward(uncond.to(dev).unsqueeze(0).expand(b, -1), [(b, 2 * b, 0)], zeros, None, mode)
+            segs.append((b, 2 * b, pu))
             pos = torch.cat([pos, torch.full((b,), pu, dtype=torch.long, device=dev)])
-        toks = torch.empty(b, steps, dtype=torch.long)
-        lps = torch.empty(b, steps, dtype=torch.float32)
-        done = torch.zeros(b, dtype=torch.bool)
-        n_sampled = torch.zeros(b, dtype=torch.long)
+        toks = torch.empty(b, steps, dtype=torch.long, device=dev)
+        lps = torch.empty(b, steps, dtype=torch.float32, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        n_sampled = torch.zeros(b, dtype=torch.long, device=dev)
         t = 0
         for t in range(steps):
-            packed = None
+            choice = lp = None
             if self.is_last_stage:
-                cond_logits = out if uncond is None else out[:b]
-                if out_u is not None:
-                    unc_logits = out_u if t == 0 else out[b:]
-                    guided = unc_logits + cfg_scale * (cond_logits - unc_logits)
-                else:
-                    guided = cond_logits
+                cond = out if uncond is None else out[:b]
+                guided = cond
+                if uncond is not None:
+                    unc = out_u if t == 0 else out[b:]
+                    guided = unc + cfg_scale * (cond - unc)
                 choice = sample(guided, sampling, None if u is None else u[:, t])
-                lp = torch.log_softmax(cond_logits, dim=-1).gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-                packed = torch.stack([choice.double(), lp.double()], dim=1)
-            packed = self.broadcast_from_last(packed, (b, 2), torch.float64).cpu()
-            choice, lp = packed[:, 0].long(), packed[:, 1].float()
+                lp = torch.log_softmax(cond, dim=-1).gather(-1, choice.unsqueeze(-1)).view(b)
+            if self.pp > 1:  # float64 holds every token id exactly: one broadcast carries both
+                packed = torch.empty(b, 2, dtype=torch.float64, device=dev) if choice is None else \
+                    torch.stack([choice.double(), lp.double()], dim=1)
+                torch.distributed.broadcast(packed, src=self.pp_ranks[-1], group=self.pg.pp)
+                choice, lp = packed[:, 0].long(), packed[:, 1].float()
             tok = choice + v if mode == IMAGE else choice
             if stop_id is not None:
-                tok = torch.where(done, torch.full_like(tok, stop_id), tok)
-            n_sampled += (~done).long()
+                tok = tok.masked_fill(done, stop_id)
+                n_sampled += (~done).long()
             toks[:, t], lps[:, t] = tok, lp
             if stop_id is not None:
                 done |= tok == stop_id
@@ -363,21 +370,21 @@ class DecodeEngine:
                     break
             if t == steps - 1:
                 break
-            step_in = tok.to(dev).unsqueeze(1)
-            if uncond is not None:
-                step_in = torch.cat([step_in, step_in], 0)
-            out = self.forward(step_in, segs, pos, tok_mod, mode)
+            step_in = (tok if uncond is None else tok.repeat(2)).view(-1, 1)
+            out = self.forward(step_in, segs, pos, IMAGE if mode == IMAGE else TEXT, mode)
             segs = [(a, c, s + 1) for a, c, s in segs]
-            pos = pos + 1
-        return toks[:, : t + 1], lps[:, : t + 1], n_sampled
+            pos += 1
+        if stop_id is None:
+            n_sampled.fill_(t + 1)
+        return toks[:, : t + 1].cpu(), lps[:, : t + 1].cpu(), n_sampled.cpu()
 
 
 def sample(logits: torch.Tensor, sampling, u: Optional[torch.Tensor]) -> torch.Tensor:
     """One token per row of `logits` [b, V] (fp32): greedy at temperature 0, else inverse-CDF.
 
-    The processors and their order are the reference sampler's (temperature, top-k, top-p,
-    min-p); min-p zeroes the dropped tokens' probabilities instead of re-running a softmax over
-    masked logits (same distribution up to rounding; the CDF is searched at u times its total).
+    The reference sampler's processors in its order (temperature, top-k, top-p, min-p); min-p
+    zeroes the dropped tokens' probabilities instead of re-running a softmax over masked logits
+    (the same distribution up to rounding: the CDF is searched at u times its total).
     `u` [b] float64 holds each row's uniform for this step.
     """
     if sampling.temperature == 0:
