@@ -87,28 +87,16 @@ def main(argv=None) -> int:
     from megatron_xomni.parallel import single_process_env
 
     single_process_env()
-    from benchmarks.rollout_throughput import _hf_model
+    from benchmarks.rollout_throughput import _hf_model, _megatron_policy
     from megatron_xomni import cpu_compat
-    from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
-    from megatron_xomni.conversion.convert import convert_hf_to_megatron
     from megatron_xomni.inference.decode import DecodeEngine
-    from megatron_xomni.models.xomni import XOmniModelConfig
-    from megatron_xomni.models.xomni.builder import build_model_chunks
-    from megatron_xomni.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_xomni.parallel import destroy_parallel
     from megatron_xomni.rl.rollout import PipelineRunner, RolloutConfig, generate_text
     from megatron_xomni.rl.sampling import SamplingConfig
-    from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
 
     tmp = tempfile.mkdtemp(prefix="rollout_profile_")
     _hf_model(f"{tmp}/hf", args)
-    convert_hf_to_megatron(f"{tmp}/hf", f"{tmp}/mg", vision_layers=(0, 0), image_vocab_size=args.image_vocab,
-                           image_table_size=args.image_vocab)
-    path = resolve_checkpoint(f"{tmp}/mg")
-    mcfg = XOmniModelConfig.from_dict(read_metadata(path, "model_config"))
-    par = ParallelConfig()
-    pg = initialize_parallel(par)
-    chunks = build_model_chunks(mcfg, par, pg)
-    load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
+    pg, chunks = _megatron_policy(f"{tmp}/hf", f"{tmp}/mg", args)
     for c in chunks:
         c.eval()
     B, P, N = args.batch, args.prompt_len, args.steps

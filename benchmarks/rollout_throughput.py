@@ -47,6 +47,25 @@ def _hf_model(path, args):
     return model
 
 
+def _megatron_policy(hf_dir, out, args):
+    """The HF model converted with no vision blocks and loaded at TP=1: (process groups, chunks)."""
+    from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
+    from megatron_xomni.conversion.convert import convert_hf_to_megatron
+    from megatron_xomni.models.xomni import XOmniModelConfig
+    from megatron_xomni.models.xomni.builder import build_model_chunks
+    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
+    from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+
+    convert_hf_to_megatron(hf_dir, out, vision_layers=(0, 0), image_vocab_size=args.image_vocab,
+                           image_table_size=args.image_vocab)
+    path = resolve_checkpoint(out)
+    mcfg = XOmniModelConfig.from_dict(read_metadata(path, "model_config"))
+    pg = initialize_parallel(ParallelConfig())
+    chunks = build_model_chunks(mcfg, ParallelConfig(), pg)
+    load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
+    return pg, chunks
+
+
 def _hf_joint_vocab_model(xomni_dir, text_cfg):
     """Qwen2 over text + image ids from an X-Omni HF export with no vision blocks."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -104,28 +123,16 @@ def main(argv=None) -> int:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from megatron_xomni import cpu_compat
-    from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
-    from megatron_xomni.conversion.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from megatron_xomni.models.xomni import XOmniModelConfig
-    from megatron_xomni.models.xomni.builder import build_model_chunks
-    from megatron_xomni.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_xomni.conversion.convert import convert_megatron_to_hf
+    from megatron_xomni.parallel import destroy_parallel
     from megatron_xomni.rl.rollout import RolloutConfig, generate_images, generate_text
     from megatron_xomni.rl.sampling import SamplingConfig
-    from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
 
     tmp = tempfile.mkdtemp(prefix="rollout_bench_")
     hf = _hf_model(f"{tmp}/hf", args)
-    convert_hf_to_megatron(f"{tmp}/hf", f"{tmp}/mg", vision_layers=(0, 0), image_vocab_size=args.image_vocab,
-                           image_table_size=args.image_vocab)
+    pg, chunks = _megatron_policy(f"{tmp}/hf", f"{tmp}/mg", args)
     convert_megatron_to_hf(f"{tmp}/mg", f"{tmp}/xomni_hf", layout="xomni")
     hf_joint = _hf_joint_vocab_model(f"{tmp}/xomni_hf", hf.config)
-
-    path = resolve_checkpoint(f"{tmp}/mg")
-    mcfg = XOmniModelConfig.from_dict(read_metadata(path, "model_config"))
-    par = ParallelConfig()
-    pg = initialize_parallel(par)
-    chunks = build_model_chunks(mcfg, par, pg)
-    load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g)
