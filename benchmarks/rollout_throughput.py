@@ -3,7 +3,7 @@
     python benchmarks/rollout_throughput.py --threads 1                                    # config 1
     python benchmarks/rollout_throughput.py --threads 1 --hidden 512 --batch 16 --new-tokens 64 --grid 8 8
 
-A random Qwen2 model (HF, eager attention) is converted to the Megatron X-Omni model with no
+A random Qwen2 model is converted to the Megatron X-Omni model with no
 vision blocks, so on text the two are the same network. The image-mode peer is a Qwen2 with the
 X-Omni export's weights (`convert_megatron_to_hf(layout="xomni")`): embedding and head rows are
 the text rows followed by the image rows, the image norm equals the text norm (the converter
@@ -11,13 +11,15 @@ copies it), so it is the same network over the joint vocabulary; a logits proces
 everything but the image codes, as a transformers user of X-Omni would sample codes.
 
 Side by side, same batch and prompt, interleaved rounds (load from other processes hits all
-alike); each row is the median over `--repeats` rounds after one untimed warm-up round:
-  - text, greedy: fast path / megatron-core KV-cache path / `Qwen2ForCausalLM.generate`;
-  - image h*w codes, min-p 0.03 at T=1: fast / megatron-core / generate + image-code mask;
+alike); each row is the median over `--repeats` rounds after one untimed warm-up round, in wall and
+in CPU seconds of this process (the latter leaves out time the scheduler gives to other processes):
+  - text, greedy: fast path / megatron-core KV-cache path / `Qwen2ForCausalLM.generate` with eager
+    and with sdpa attention (ratios use the faster of the two);
+  - image h*w codes, min-p 0.03 at T=1: fast / megatron-core / generate + image-code mask (eager, sdpa);
   - image with CFG (scale 3): fast / megatron-core (transformers has no batched peer for it).
 The fast path compiles nothing (no torch.compile), so the warm-up round hides no compile time.
 transformers runs with megatron_xomni's CPU TorchFunctionMode suspended (its native speed).
-Throughput = generated tokens (all rows) / wall seconds.
+Throughput = generated tokens (all rows) / seconds. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -88,15 +90,20 @@ def _hf_joint_vocab_model(xomni_dir, text_cfg):
 
 
 def _median_times(fns, repeats):
-    """Median seconds per fn over `repeats` interleaved rounds after one untimed warm-up round."""
-    times, outs = [[] for _ in fns], [None] * len(fns)
+    """Median wall and CPU seconds per fn over `repeats` interleaved rounds after an untimed warm-up.
+
+    CPU seconds (this process, `time.process_time`) leave out the time the scheduler gives to
+    other processes on a shared machine; every run here is single-threaded.
+    """
+    wall, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
     for r in range(repeats + 1):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outs[i] = fn()
             if r:
-                times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], outs
+                wall[i].append(time.perf_counter() - t0)
+                cpu[i].append(time.process_time() - c0)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu], outs
 
 
 def main(argv=None) -> int:
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=48, help="text mode: tokens generated per row")
     p.add_argument("--grid", type=int, nargs=2, default=(6, 8), help="image mode: h w code grid")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-cfg", action="store_true", help="skip the classifier-free guidance rows")
     args = p.parse_args(argv)
@@ -195,7 +202,7 @@ def main(argv=None) -> int:
             (f"image {h}x{w}, CFG 3: megatron-core KV cache", "image", lambda: generate_images(
                 chunks, pg, rows, (h, w), 0, cfg(False, minp, cfg_scale=3.0), uncond_prompt=uncond)),
         ]
-    times, outs = _median_times([r[2] for r in runs], args.repeats)
+    times, cpu, outs = _median_times([r[2] for r in runs], args.repeats)
     n_tok = {"text": args.batch * args.new_tokens, "image": args.batch * h * w}
 
     def gen(out):
@@ -207,17 +214,16 @@ def main(argv=None) -> int:
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} + {args.image_vocab} codes; "
           f"batch {args.batch}, prompt {args.prompt_len}, threads {torch.get_num_threads()}, "
           f"median of {args.repeats} rounds")
-    print(f"{'run':50s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s}")
-    for (name, mode, _), t in zip(runs, times):
-        print(f"{name:50s} {n_tok[mode]:7d} {t:8.3f} {n_tok[mode] / t:9.1f}")
-    # Ratios against the faster transformers attention (the stricter peer).
-    hf_t, hf_i = min(times[2], times[3]), min(times[6], times[7])
-    print(f"text  fast / transformers: {hf_t / times[0]:.2f}x   fast / megatron-core: {times[1] / times[0]:.2f}x   "
-          f"megatron-core / transformers: {hf_t / times[1]:.2f}x")
-    print(f"image fast / transformers: {hf_i / times[4]:.2f}x   fast / megatron-core: {times[5] / times[4]:.2f}x   "
-          f"megatron-core / transformers: {hf_i / times[5]:.2f}x")
-    if not args.no_cfg:
-        print(f"CFG   fast / megatron-core: {times[9] / times[8]:.2f}x")
+    print(f"{'run':50s} {'tokens':>7s} {'wall s':>8s} {'tokens/s':>9s} {'CPU s':>8s} {'tokens/CPU s':>12s}")
+    for (name, mode, _), t, c in zip(runs, times, cpu):
+        print(f"{name:50s} {n_tok[mode]:7d} {t:8.3f} {n_tok[mode] / t:9.1f} {c:8.3f} {n_tok[mode] / c:12.1f}")
+    # Ratios against the faster transformers attention (the stricter peer), wall | CPU seconds.
+    for label, ts in (("wall", times), ("CPU ", cpu)):
+        hf_t, hf_i = min(ts[2], ts[3]), min(ts[6], ts[7])
+        line = (f"{label}  text: fast / transformers {hf_t / ts[0]:.2f}x, fast / megatron-core {ts[1] / ts[0]:.2f}x, "
+                f"megatron-core / transformers {hf_t / ts[1]:.2f}x | image: fast / transformers {hf_i / ts[4]:.2f}x, "
+                f"fast / megatron-core {ts[5] / ts[4]:.2f}x, megatron-core / transformers {hf_i / ts[5]:.2f}x")
+        print(line + ("" if args.no_cfg else f" | CFG: fast / megatron-core {ts[9] / ts[8]:.2f}x"))
     agree = lambda a, b: (gen(a) == gen(b)).float().mean().item()
     print(f"greedy token agreement: fast vs transformers {agree(outs[0], outs[2]):.4f}, "
           f"fast vs megatron-core {agree(outs[0], outs[1]):.4f}; image tokens fast vs megatron-core "
