@@ -162,3 +162,22 @@ def test_layout_fast_equals_reference(tp1, name, world, layout):
     # The same rollouts as at TP1 (greedy ones and sampled ones alike).
     for case in ("image", "image_cfg", "text", "text_greedy"):
         assert [(s, t) for s, t, _ in results[0]["fast"][case]] == [(s, t) for s, t, _ in ref["fast"][case]], case
+
+
+@pytest.mark.parametrize("rows,fan_in,fan_out,bias", [
+    (3, 64, 48, True),      # tiny product: F.linear
+    (8, 256, 4096, False),  # oneDNN, weight as its weights operand
+    (16, 512, 1024, True),  # oneDNN with the operands swapped
+    (16, 1024, 512, False),
+])
+def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias):
+    from megatron_xomni.inference.decode import linear
+
+    g = torch.Generator().manual_seed(rows + fan_in)
+    x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
+    b = torch.randn(fan_out, generator=g) if bias else None
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    got = linear(x, w, b)
+    assert got.shape == (rows, fan_out) and got.is_contiguous()
+    # Outputs ~N(0, 1); fp32 accumulation errs by 0.4-3.5e-6 here (torch's F.linear: up to 1.4e-6).
+    assert (got.double() - want).abs().max().item() <= 1e-5
