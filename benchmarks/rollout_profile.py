@@ -46,7 +46,7 @@ def _instrument():
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer import attention
 
-    from megatron_xomni.models.xomni import attention as sdpa, layers as xlayers, model, norm
+    from megatron_xomni.models.xomni import attention as sdpa, model, norm
 
     _wrap(layers.ColumnParallelLinear, "forward", "linear layers + heads (matmul, autograd Fn, TP mappings)")
     _wrap(layers.RowParallelLinear, "forward", "linear layers + heads (matmul, autograd Fn, TP mappings)")
@@ -54,7 +54,6 @@ def _instrument():
     _wrap(attention.Attention, "_adjust_key_value_for_inference", "KV-cache bookkeeping")
     _wrap(sdpa.SDPAttention, "forward", "core attention (SDPA + layout)")
     _wrap(norm.RMSNorm, "forward", "RMSNorm")
-    _wrap(xlayers.XOmniFinalNorm, "forward", "RMSNorm")
     _wrap(model.XOmniModel, "_embed", "embedding (text + image tables)")
     _wrap(tensor_parallel, "gather_from_tensor_model_parallel_region", "head logits gather (no-op at TP=1)")
 
