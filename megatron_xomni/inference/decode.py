@@ -72,17 +72,21 @@ def _rms_norm(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.eps)
 
 
+def _local_spec(layer) -> bool:
+    """The layer layout this path reads: RMSNorm modules of the local spec and a SwiGLU MLP."""
+    return (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.pre_mlp_layernorm, RMSNorm)
+            and bool(layer.config.gated_linear_unit))
+
+
 class _Layer:
     """One transformer layer's parameters (the live `Parameter` objects) and shapes."""
 
     def __init__(self, layer):
-        if not (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.pre_mlp_layernorm, RMSNorm)):
+        if not _local_spec(layer):
             raise ValueError(
-                f"the fast decode path reads the local layer spec (RMSNorm modules), got "
+                f"the fast decode path reads the local layer spec (RMSNorm, SwiGLU), got "
                 f"{type(layer.input_layernorm).__name__}: build the model with use_te=False or set "
                 f"RolloutConfig.fast=False")
-        if not layer.config.gated_linear_unit:
-            raise ValueError("the fast decode path expects a gated MLP (SwiGLU): set RolloutConfig.fast=False")
         attn, mlp = layer.self_attention, layer.mlp
         self.vision = isinstance(layer, XOmniVisionLayer)
         self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
@@ -263,6 +267,14 @@ class DecodeEngine:
         self.pp_ranks = torch.distributed.get_process_group_ranks(pg.pp) if self.pp > 1 else [0]
         self.order = [(v, r) for v in range(len(self.chunks)) for r in range(self.pp)]
         self.device = next(models[0].parameters()).device
+
+    @staticmethod
+    def supports(chunks: Sequence) -> bool:
+        """True when every layer is of the local spec this path reads (RMSNorm modules, SwiGLU).
+
+        Transformer Engine layers fuse the norm into the QKV linear; they run the reference path.
+        """
+        return all(_local_spec(layer) for c in chunks for layer in unwrap_model(c).decoder.layers)
 
     @property
     def is_last_stage(self) -> bool:

@@ -55,8 +55,9 @@ class RolloutConfig:
     use_kv_cache: bool = True
     """False re-runs the whole prefix every step (slow; a reference for tests)."""
     fast: bool = True
-    """With the KV cache: the lean decode path (`inference/decode.py`) over the same parameters;
-    False runs megatron-core's forward with a StaticInferenceContext (the reference)."""
+    """With the KV cache: the lean decode path (`inference/decode.py`) over the same parameters
+    (local-spec models; Transformer Engine layers run the reference); False runs megatron-core's
+    forward with a StaticInferenceContext (the reference)."""
 
     def validate(self) -> None:
         self.sampling.validate()
@@ -184,7 +185,7 @@ class _Branch:
 def _generate_bucket(runner: PipelineRunner, prompts: torch.Tensor, sample_ids: list[int], *, mode: str,
                      steps: int, stop_id: Optional[int], cfg: RolloutConfig, uncond: Optional[torch.Tensor]):
     """Generate for equal-length prompts [b, p]. Returns (sampled [b, steps'], logprobs, n_sampled [b])."""
-    if cfg.fast and cfg.use_kv_cache:
+    if cfg.fast and cfg.use_kv_cache and DecodeEngine.supports(runner.chunks):
         return DecodeEngine(runner.chunks, runner.pg).generate(
             prompts, sample_generators(cfg.seed, sample_ids), mode=mode, steps=steps, stop_id=stop_id,
             sampling=cfg.sampling, cfg_scale=cfg.cfg_scale, uncond=uncond)

@@ -181,3 +181,21 @@ def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias):
     assert got.shape == (rows, fan_out) and got.is_contiguous()
     # Outputs ~N(0, 1); fp32 accumulation errs by 0.4-3.5e-6 here (torch's F.linear: up to 1.4e-6).
     assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+def test_supports_only_the_local_spec():
+    from types import SimpleNamespace
+
+    from megatron_xomni.inference.decode import DecodeEngine
+    from megatron_xomni.models.xomni.norm import RMSNorm
+
+    def model(norm, gated=True):
+        layer = SimpleNamespace(input_layernorm=norm, pre_mlp_layernorm=norm,
+                                config=SimpleNamespace(gated_linear_unit=gated))
+        return SimpleNamespace(decoder=SimpleNamespace(layers=[layer]))
+
+    rms = RMSNorm(SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False), 8)
+    assert DecodeEngine.supports([model(rms)])
+    # Transformer Engine's spec: the norm is fused into linear_qkv, the layer's own norm is an identity.
+    assert not DecodeEngine.supports([model(torch.nn.Identity())])
+    assert not DecodeEngine.supports([model(rms, gated=False)])
