@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 def write_qwen(path, *, vocab: int = 300, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                intermediate: int = 96, tied: bool = False, dtype: torch.dtype = torch.float32, seed: int = 1,
                shards: int = 1, max_positions: int = 256):
-    """Save a random Qwen2ForCausalLM to `path` (safetensors, `shards` files); returns the model (eval, fp32)."""
+    """Save a random Qwen2ForCausalLM to `path` (safetensors, `shards` files); returns it as transformers
+    loads it back (float32, eager attention, eval)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -35,7 +36,8 @@ def write_qwen(path, *, vocab: int = 300, hidden: int = 64, layers: int = 2, hea
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True, max_shard_size=f"{size // shards // 1000 + 1}KB")
-    return model.float()
+    # The reference is what transformers loads from the files (float32; RoPE buffers never rounded).
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def hf_tensors(path) -> dict[str, torch.Tensor]:
