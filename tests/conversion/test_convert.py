@@ -22,6 +22,7 @@ def _write_qwen(path, shards=2):
 
 
 def _to_megatron(rank, world, hf, out):
+    """(The vision sizes apply to a Qwen2 source; an X-Omni source brings its own.)"""
     from megatron_xomni.conversion.convert import convert_hf_to_megatron
 
     convert_hf_to_megatron(hf, out, vision_layers=(2, 2), image_vocab_size=64, image_table_size=96)
@@ -57,15 +58,22 @@ def _state(rank, world, ckpt):
     return load_megatron(ckpt)[0]
 
 
-def test_qwen_round_trip_through_tp2_pp2_is_bit_exact(tmp_path):
-    _write_qwen(tmp_path / "hf")
+def _through_tp2_pp2(tmp_path, layout):
+    """HF (tmp_path/hf) -> Megatron -> loaded at TP2 x PP2 and saved again -> HF; the export must equal the
+    source bit for bit, dtype included. Returns (source tensors, exported tensors)."""
     run_ranks(_to_megatron, 1, str(tmp_path / "hf"), str(tmp_path / "mg"))
     run_ranks(_reshard, 4, str(tmp_path / "mg"), str(tmp_path / "mg_tp2pp2"))
-    run_ranks(_export, 1, str(tmp_path / "mg_tp2pp2"), str(tmp_path / "back"), "qwen2")
+    run_ranks(_export, 1, str(tmp_path / "mg_tp2pp2"), str(tmp_path / "back"), layout)
     src, back = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "back")
     assert set(src) == set(back)
     for k in src:
-        assert torch.equal(src[k], back[k]), k
+        assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
+    return src, back
+
+
+def test_qwen_round_trip_through_tp2_pp2_is_bit_exact(tmp_path):
+    _write_qwen(tmp_path / "hf")
+    _through_tp2_pp2(tmp_path, "qwen2")
     assert (tmp_path / "back" / "model.safetensors.index.json").exists()  # streamed into shards
     from transformers import AutoConfig
 
@@ -221,21 +229,11 @@ def test_xomni_round_trip_through_tp2_pp2_is_bit_exact(tmp_path):
     """Released layout (bf16, a 300-id text vocabulary) -> Megatron -> TP2 x PP2 -> X-Omni layout."""
     write_released(tmp_path / "hf", vocab=V, mm_vocab=96, image_vocab=64, adap=1, lm=2, head=1, hidden=32,
                    dtype=torch.bfloat16)
-    run_ranks(_to_xomni_megatron, 1, str(tmp_path / "hf"), str(tmp_path / "mg"))
-    run_ranks(_reshard, 4, str(tmp_path / "mg"), str(tmp_path / "mg_tp2pp2"))
-    run_ranks(_export, 1, str(tmp_path / "mg_tp2pp2"), str(tmp_path / "back"), "xomni")
-    src, back = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "back")
-    assert set(src) == set(back)
-    for k in src:
-        assert back[k].dtype == torch.bfloat16 and torch.equal(src[k], back[k]), k
+    src, _ = _through_tp2_pp2(tmp_path, "xomni")
+    assert all(t.dtype == torch.bfloat16 for t in src.values())
     cfg_src = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg_back = json.loads((tmp_path / "back" / "config.json").read_text())
     for key in ("vocab_size", "mm_vocab_size", "image_vocab_size", "num_mm_adap_layers", "num_mm_head_layers",
                 "num_hidden_layers", "mm_special_tokens", "rope_theta", "tie_word_embeddings", "torch_dtype"):
         assert cfg_back[key] == cfg_src[key], key
 
-
-def _to_xomni_megatron(rank, world, hf, out):
-    from megatron_xomni.conversion.convert import convert_hf_to_megatron
-
-    convert_hf_to_megatron(hf, out)

@@ -171,6 +171,9 @@ def test_refused_in_one_line_and_nothing_touched(made, tmp_path, case):
 
 
 def test_overwrite_replaces_an_earlier_output_of_the_same_kind(made, tmp_path):
+    from megatron_xomni import checkpointing
+
+    assert LATEST == checkpointing.LATEST  # outputs.py keeps its own copy to stay torch-free
     root = _copy(made, "mgA", tmp_path / "mg")
     res = run(CLI, "hf-to-megatron", "--hf", made["root"] / "hfB", "--out", root, "--overwrite", *SMALL)
     assert res.returncode == 0, res.stderr[-3000:]
