@@ -49,9 +49,10 @@ def main(argv=None) -> int:
 
     from megatron_xomni.conversion import ConversionError, outputs
 
+    plan = None
     try:  # --out rules first: a refusal costs no heavy import and starts no process group
         if args.cmd == "hf-to-megatron":
-            outputs.prepare_megatron_root(args.out, args.hf, args.overwrite)
+            plan = outputs.prepare_megatron_root(args.out, args.hf, args.overwrite)
         else:
             outputs.check_hf_folder(args.out, args.ckpt, args.overwrite)
     except ConversionError as e:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "hf-to-megatron":
             out = convert_hf_to_megatron(args.hf, args.out, args.seed, tuple(args.vision_layers),
-                                         args.image_vocab_size, args.image_table_size, overwrite=args.overwrite)
+                                         args.image_vocab_size, args.image_table_size, plan=plan)
         else:
             parts = RunParts(args.text_tokenizer, args.image_tokenizer, args.decoder)
             out = convert_megatron_to_hf(args.ckpt, args.out, args.layout, args.iteration,

@@ -239,8 +239,9 @@ def _keep_tie(state: dict, mcfg: XOmniModelConfig, source_tied: bool) -> bool:
 # ---- top-level conversions ------------------------------------------------------------------
 def convert_hf_to_megatron(hf_dir, out_root, seed: int = 0, vision_layers=(4, 4),
                            image_vocab_size: int = 16384, image_table_size: int = 16448,
-                           overwrite: bool = False) -> Path:
-    plan = outputs.prepare_megatron_root(out_root, hf_dir, overwrite)
+                           overwrite: bool = False, plan: Optional[outputs.MegatronPlan] = None) -> Path:
+    """`plan`: the result of outputs.prepare_megatron_root(out_root, hf_dir, overwrite) if already checked."""
+    plan = plan or outputs.prepare_megatron_root(out_root, hf_dir, overwrite)
     reader = HFCheckpointReader(hf_dir)
     mcfg, layout = model_config_from_hf(reader.config, image_vocab_size, image_table_size, vision_layers)
     state = hf_to_megatron_state(reader, mcfg, layout, seed)
@@ -278,7 +279,9 @@ def convert_megatron_to_hf(ckpt_root, out_dir, layout: str, iteration: Optional[
     try:
         mcfg = XOmniModelConfig.from_dict(meta)
         source_dtype = conv.get("source_dtype") or base.get("dtype") or base.get("torch_dtype")
-        extra = xomni_fields(path, mcfg, parts, dtype_name(dtype or DTYPES.get(source_dtype, torch.float32)))
+        extra = xomni_fields(path, mcfg, parts)
+        if layout == "qwen2":
+            extra.pop("mm_special_tokens", None)
         state, mcfg = load_megatron(ckpt_root, iteration)
         out_dtype = _export_dtype(state, source_dtype, dtype)
         tied = _keep_tie(state, mcfg, bool(conv.get("tie_word_embeddings", _tied(base))))

@@ -47,8 +47,9 @@ def _bos_id(tok) -> Optional[int]:
     return int(bos) if bos is not None and bos >= 0 else None
 
 
-def xomni_fields(ckpt: Path, mcfg, parts: RunParts, dtype_name: str) -> dict:
-    """config.json fields from `parts` (checked against the checkpoint's model config first, no weights read)."""
+def xomni_fields(ckpt: Path, mcfg, parts: RunParts) -> dict:
+    """config.json fields from `parts` (checked against the checkpoint's model config first, no weights read).
+    vision_config.dtype is left for the caller, who decides the export dtype."""
     from megatron_xomni.data.text_tokenizer import SPECIAL_TOKENS, XOmniTextTokenizer
     from megatron_xomni.inference.bundle import PipelinePaths, inspect_paths
     from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS
@@ -78,7 +79,7 @@ def xomni_fields(ckpt: Path, mcfg, parts: RunParts, dtype_name: str) -> dict:
     icfg, dcfg, pre = spec.image_config, spec.decoder_config, spec.preprocess_config()
     image_dir, decoder_dir = Path(parts.image_tokenizer).resolve(), Path(parts.decoder).resolve()
     fields["vision_config"] = {
-        "dtype": dtype_name,
+        "dtype": None,
         "transform": {"short_size": pre.min_short, "long_size": pre.max_long, "patch_size": pre.multiple,
                       "min_short_size": pre.min_short_reject, "max_aspect_ratio": pre.max_aspect_ratio,
                       "filtering": True},

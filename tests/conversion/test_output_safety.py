@@ -170,28 +170,14 @@ def test_refused_in_one_line_and_nothing_touched(made, tmp_path, case):
     assert not list(tmp_path.rglob(f"*{'.tmp-xomni-'}*"))
 
 
-def test_overwrite_replaces_an_earlier_output_of_the_same_kind(made, tmp_path):
-    from megatron_xomni import checkpointing
-
-    assert LATEST == checkpointing.LATEST  # outputs.py keeps its own copy to stay torch-free
-    root = _copy(made, "mgA", tmp_path / "mg")
-    res = run(CLI, "hf-to-megatron", "--hf", made["root"] / "hfB", "--out", root, "--overwrite", *SMALL)
-    assert res.returncode == 0, res.stderr[-3000:]
-    (state,) = run_ranks(_state, 1, str(root))
-    assert _same(state, made["mgB"])
-    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", LATEST, MARKER]
-
-    out = _copy(made, "exA", tmp_path / "ex")
-    res = run(TOOL, "megatron-to-hf", "--ckpt", made["root"] / "mgB", "--out", out, "--overwrite", "--layout", "qwen2")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert _same(hf_tensors(out), made["exB"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "mg"]  # no tmp/old siblings left
-
-
 # ---- kills during a replacement -----------------------------------------------------------------
 def test_megatron_root_survives_a_kill_at_every_point(made, tmp_path):
     """Each run starts from what the previous kill left: it must cope (one line when it repairs),
-    and after every kill the loader finds the old or the new conversion complete."""
+    and after every kill the loader finds the old or the new conversion complete. The last, clean run
+    is the plain --overwrite replacement: one iteration left, holding the new conversion."""
+    from megatron_xomni import checkpointing
+
+    assert LATEST == checkpointing.LATEST  # outputs.py keeps its own copy to stay torch-free
     root = _copy(made, "mgA", tmp_path / "mg")
     steps = [  # (source, crash point, the conversion `latest` must hold after the kill)
         ("B", "mg-after-write", "A"),     # dist-ckpt written, iteration not renamed
@@ -249,3 +235,14 @@ def test_hf_export_survives_a_kill_at_every_point(made, tmp_path):
 
         assert AutoConfig.from_pretrained(out).vocab_size == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+
+
+def test_a_killed_first_conversion_is_started_again_without_overwrite(made, tmp_path):
+    root = tmp_path / "mg"
+    res = run(CLI, "hf-to-megatron", "--hf", made["root"] / "hfA", "--out", root, *SMALL, crash="mg-before-latest")
+    assert res.returncode == -signal.SIGKILL and not (root / LATEST).exists()  # iteration 0 complete, never pointed to
+    res = run(TOOL, "hf-to-megatron", "--hf", made["root"] / "hfA", "--out", root, *SMALL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "removed iter_0000000" in res.stderr and "did not finish; starting it again" in res.stderr
+    (state,) = run_ranks(_state, 1, str(root))
+    assert _same(state, made["mgA"])
