@@ -269,9 +269,7 @@ def convert_megatron_to_hf(ckpt_root, out_dir, layout: str, iteration: Optional[
     meta = read_metadata(path, "model_config")
     if meta is None:
         raise ConversionError(f"{path} has no model_config.json: not a megatron-xomni checkpoint")
-    conv, base = provenance(path)
-    if base.get("model_type") not in (None, {"qwen2": "qwen2", "xomni": "x-omni"}[layout]):
-        base = {}
+    conv, base = provenance(path)  # the source's config.json: kept fields (bos/eos, ...) survive either layout
     if require_vision and layout == "xomni" and not parts.vision and "vision_config" not in base:
         raise ConversionError("the X-Omni layout needs vision_config: pass the run's --text-tokenizer, "
                               "--image-tokenizer and --decoder")

@@ -193,6 +193,8 @@ def hf_config_for(mcfg: XOmniModelConfig, layout: str, base: dict | None = None,
             mm_vocab_size=mcfg.image_table_size, image_vocab_size=mcfg.image_vocab_size,
             mm_special_tokens=cfg.get("mm_special_tokens", ["<SOM>", "<EOM>", "<IMAGE>"]),
         )
+    if "layer_types" in cfg:  # transformers >= 4.56: one entry per layer (sliding windows are refused on import)
+        cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
     cfg.update(extra or {})
     return cfg
 

@@ -11,7 +11,8 @@ What the released inference code reads (`init_vision` and the forward pass):
   siglip_name, siglip_path, projector_path, z_channels, codebook_size, codebook_dim, with_norm;
 - `vision_config.decoder`: model_path (folder of the FLUX transformer), upscale_factor (pixels per token
   side), num_inference_steps, cfg_scale, cfg_scale_2;
-- `bos_token_id` / `eos_token_id` (generation).
+- `bos_token_id` / `eos_token_id` (generation): the tokenizer's; a tokenizer without BOS (Qwen's, the tiny
+  one) leaves the source config's bos_token_id.
 Paths are absolute (the released code joins them to the model folder, which keeps absolute paths). The
 weights behind them are in this project's formats (one SigLIP-VQ model.safetensors; a diffusers decoder),
 which the released loader's own ViT/projector readers do not read: the fields describe the run, they do
@@ -73,7 +74,9 @@ def xomni_fields(ckpt: Path, mcfg, parts: RunParts) -> dict:
     if tok.vocab_size > tokens:
         raise ConversionError(f"text tokenizer {parts.text_tokenizer} has {tok.vocab_size} ids but the model's text "
                               f"vocabulary has {tokens}: pass the run's own --text-tokenizer")
-    fields = {"bos_token_id": _bos_id(tok), "eos_token_id": tok.eos_id, "mm_special_tokens": list(SPECIAL_TOKENS)}
+    fields = {"eos_token_id": tok.eos_id, "mm_special_tokens": list(SPECIAL_TOKENS)}
+    if _bos_id(tok) is not None:  # else the source config's bos_token_id stands (Qwen's tokenizer has no BOS)
+        fields["bos_token_id"] = _bos_id(tok)
     if spec is None:
         return fields
     icfg, dcfg, pre = spec.image_config, spec.decoder_config, spec.preprocess_config()

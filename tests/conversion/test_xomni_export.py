@@ -96,7 +96,8 @@ def test_config_carries_what_the_released_model_reads(run):
     tok = XOmniTextTokenizer.load(run.text_tok_dir)
     assert cfg["mm_special_tokens"] == ["<SOM>", "<EOM>", "<IMAGE>"]
     assert [tok.encode(t) for t in cfg["mm_special_tokens"]] == [[tok.som_id], [tok.eom_id], [tok.image_id]]
-    assert cfg["eos_token_id"] == tok.eos_id and cfg["bos_token_id"] is None  # the tiny tokenizer has no BOS
+    assert cfg["eos_token_id"] == tok.eos_id
+    assert cfg["bos_token_id"] is None  # the tiny tokenizer has no BOS, nor had the source config
 
     # Read it the way the released init_vision does (transformers config, then SimpleNamespaces).
     loaded = Qwen2Config.from_pretrained(run.root / "export")
