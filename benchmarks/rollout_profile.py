@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     from megatron_xomni import cpu_compat
     from megatron_xomni.inference.decode import DecodeEngine
     from megatron_xomni.parallel import destroy_parallel
-    from megatron_xomni.rl.rollout import PipelineRunner, RolloutConfig, generate_text
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.generation import PipelineRunner, RolloutConfig, generate_text
+    from megatron_xomni.inference.sampling import SamplingConfig
 
     tmp = tempfile.mkdtemp(prefix="rollout_profile_")
     _hf_model(f"{tmp}/hf", args)

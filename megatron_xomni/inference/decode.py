@@ -1,6 +1,6 @@
 """A lean decode path over the policy's own parameters, in its training layout.
 
-The megatron-core forward with a `StaticInferenceContext` (the reference, `rl/rollout.py`) costs
+The megatron-core forward with a `StaticInferenceContext` (the reference, `inference/generation.py`) costs
 far more per decoded token than its matmuls (profile in benchmarks/RESULTS.md): ~30 modules,
 autograd Functions and TP-mapping wrappers per layer, RoPE re-applied to every cached key on
 every step, both output heads on every step, the CPU-compat TorchFunctionMode on every op, and a

@@ -200,7 +200,7 @@ class GRPOTrainer:
         return ids, [world_prompt(i, cfg) for i in ids]
 
     def rollout(self, step: int):
-        from megatron_xomni.rl import RolloutConfig, generate_images
+        from megatron_xomni.inference.generation import RolloutConfig, generate_images
         from megatron_xomni.data.sequence import SequenceFormat, image_block_ids
 
         cfg = self.cfg

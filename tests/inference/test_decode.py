@@ -39,8 +39,8 @@ def _pack(rollouts):
 
 
 def _cases(chunks, pg, fast: bool) -> dict:
-    from megatron_xomni.rl.rollout import RolloutConfig, generate_images, generate_text
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
+    from megatron_xomni.inference.sampling import SamplingConfig
 
     minp = SamplingConfig(temperature=1.0, min_p=0.03)
     mixed = SamplingConfig(temperature=0.8, top_k=50, top_p=0.95, min_p=0.03)
@@ -69,8 +69,8 @@ def _cases(chunks, pg, fast: bool) -> dict:
 def _grpo_step_and_regenerate(chunks, pg) -> dict:
     """Fast rollouts before a GRPO step, then both paths after it on the wrapped (DDP) chunks."""
     from megatron_xomni.rl.grpo import GRPOConfig, GRPOStep
-    from megatron_xomni.rl.rollout import RolloutConfig, generate_images
-    from megatron_xomni.rl.sampling import SamplingConfig
+    from megatron_xomni.inference.generation import RolloutConfig, generate_images
+    from megatron_xomni.inference.sampling import SamplingConfig
     from megatron_xomni.training.optim import OptimConfig, wrap_and_build_optimizer
 
     def roll(models, fast):
