@@ -246,6 +246,9 @@ class _Chunk:
             logits = torch.cat(parts, dim=-1)
             if mode == IMAGE:
                 logits = logits[:, :ivs]
+        pad = getattr(self.cfg, "text_vocab_padding", 0)
+        if mode == TEXT and pad:  # padding rows added on conversion are never sampled (as in the model)
+            logits[:, self.cfg.text_vocab_size - pad:] = float("-inf")
         return logits.float()
 
 

@@ -76,6 +76,8 @@ class ARRunConfig(RunSection):
     """Stop (after a checkpoint) when this many steps in a row have a NaN/Inf loss or gradient."""
     debug_inject_nonfinite_steps: list = field(default_factory=list)
     """Testing aid: poison the gradients at these (1-based) steps to exercise NaN skipping."""
+    debug_inject_nonfinite_rank: Optional[int] = None
+    """Testing aid: poison them on this rank only (None: every rank)."""
 
     # ---- derived & validation ----------------------------------------------------------
     def check_paths(self) -> None:

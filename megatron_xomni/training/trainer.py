@@ -245,7 +245,8 @@ class Trainer:
         for w in self.wrapped:
             w.train()
         out = forward_backward(self.wrapped, batches, self.cfg.model.text_vocab_size, self.pg)
-        if self.state.iteration + 1 in set(self.cfg.debug_inject_nonfinite_steps or []):
+        rank_hit = self.cfg.debug_inject_nonfinite_rank in (None, torch.distributed.get_rank())
+        if self.state.iteration + 1 in set(self.cfg.debug_inject_nonfinite_steps or []) and rank_hit:
             for w in self.wrapped:  # testing aid: poison the gradients of this step
                 for p in w.parameters():
                     if getattr(p, "main_grad", None) is not None:

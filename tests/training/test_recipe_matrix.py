@@ -32,6 +32,7 @@ import torch
 
 from megatron_xomni.recipes import available_recipes, load_recipe
 from tests.multirank import run_ranks
+from tests.training.checkpoints import assert_same_state, plain_state
 
 STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4}
 VPP = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2",
@@ -128,31 +129,8 @@ def _losses(save_dir: Path) -> dict[int, float]:
     return out
 
 
-def _plain_tensors(rank, world, path):
-    from megatron.core import dist_checkpointing
-
-    from megatron_xomni import safe_loading
-    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
-
-    initialize_parallel(ParallelConfig())
-    safe_loading.install()
-    return dist_checkpointing.load_plain_tensors(path)
-
-
-def _final_state(save_dir: Path, steps: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the final checkpoint (model and optimizer) as a plain global tensor."""
-    (state,) = run_ranks(_plain_tensors, 1, str(save_dir / f"iter_{steps:07d}"))
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, (dict, list, tuple)):
-            for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", state)
-    return flat
+def _final_state(save_dir: Path, steps: int) -> dict:
+    return plain_state(save_dir / f"iter_{steps:07d}")
 
 
 @pytest.mark.slow
@@ -178,13 +156,8 @@ def test_recipe_survives_sigkill_and_resumes_bit_identical(world, name, extra, t
 
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
     ref, got = _final_state(tmp_path / "ref", cfg.steps), _final_state(tmp_path / "killed", cfg.steps)
-    assert sorted(ref) == sorted(got)
     assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in ref), "no optimizer moments were saved"
-    for key in ref:
-        if torch.is_tensor(ref[key]):
-            assert torch.equal(ref[key], got[key]), key
-        else:
-            assert ref[key] == got[key], key
+    assert_same_state(ref, got)
 
 
 def _metrics_since_resume(save_dir: Path, published: int):

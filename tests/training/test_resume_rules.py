@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.multirank import run_ranks
+from tests.training.checkpoints import plain_state
 from tests.training.launch import torchrun_cmd
 
 BASE = ["schedule.style=constant", "schedule.warmup_steps=0", "save_interval=3", "log_interval=1",
@@ -75,17 +76,6 @@ def _resume_dump_continue(rank, world, overrides, dump_dir):
     return code, loaded_steps, _adam_steps(trainer.optimizer)
 
 
-def _plain(rank, world, path):
-    from megatron.core import dist_checkpointing
-
-    from megatron_xomni import safe_loading
-    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
-
-    initialize_parallel(ParallelConfig())
-    safe_loading.install()
-    return dist_checkpointing.load_plain_tensors(path)
-
-
 def _losses(path: Path) -> dict[int, float]:
     return {r["iteration"]: r["train_loss"] for r in map(json.loads, path.read_text().splitlines())}
 
@@ -95,7 +85,7 @@ def test_distributed_optimizer_checkpoint_reshards_from_tp2_to_pp2_and_dp2(data)
     tp2 = ["parallel.tensor_parallel=2"]
     run_ranks(_train, 2, _ov(data, "uninterrupted", "steps=6", *tp2))
     run_ranks(_train, 2, _ov(data, "tp2", "steps=3", *tp2))
-    saved = run_ranks(_plain, 1, str(data / "tp2" / "iter_0000003"))[0]
+    saved = plain_state(data / "tp2" / "iter_0000003")
     moments = [k for k in saved if k.startswith("optimizer.state.exp_avg")]
     assert len(moments) > 20
     expected = _losses(data / "uninterrupted" / "metrics.jsonl")
@@ -107,7 +97,7 @@ def test_distributed_optimizer_checkpoint_reshards_from_tp2_to_pp2_and_dp2(data)
             assert code == 0
             assert loaded_steps and set(loaded_steps) == {3.0}  # Adam's step survives the reshard
             assert set(final_steps) == {6.0}  # one step per optimizer step (no shared step tensor)
-        dumped = run_ranks(_plain, 1, str(data / f"{name}_dump" / "iter_0000003"))[0]
+        dumped = plain_state(data / f"{name}_dump" / "iter_0000003")
         for key in moments:
             assert torch.equal(saved[key], dumped[key]), (name, key)
         got = _losses(data / name / "metrics.jsonl")

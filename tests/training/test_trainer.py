@@ -3,6 +3,7 @@ PP=2, resharding a TP=2 checkpoint to PP=2, NaN skipping, crash-safe saves, Tens
 and config errors before any process group."""
 
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tests.multirank import run_ranks
+from tests.training.checkpoints import assert_same_state, plain_state
 from tests.training.launch import kill_group, losses, run_trainer, start_trainer, wait_for_iteration
 
 ITERS = 12
@@ -66,25 +68,95 @@ def test_tp2_checkpoint_continues_at_pp2(data):
     assert abs(a - b) <= 1e-5, (a, b)
 
 
-def test_nan_step_is_skipped_and_counted_and_tensorboard_has_scalars(data):
-    out = run_trainer(2, "tiny_pt", _ov(data, "nan", "debug_inject_nonfinite_steps=[3]", "steps=6"), data)
-    assert out.returncode == 0, out.stderr[-3000:]
-    recs = [json.loads(l) for l in (data / "nan" / "metrics.jsonl").read_text().splitlines()]
-    skipped = {r["iteration"]: r["train_skipped_steps"] for r in recs}
-    assert skipped[2] == 0 and skipped[3] == 1 and skipped[6] == 1
-    assert all(r["train_loss"] == r["train_loss"] for r in recs)  # no NaN reached the weights
-    assert recs[-1]["iteration"] == 6
+def _train_in_process(rank, world, overrides):
+    from megatron_xomni.recipes import load_recipe
+    from megatron_xomni.training.trainer import train
+
+    return train(load_recipe("tiny_pt", overrides))
+
+
+def _records(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _state_unchanged(root, before: int, after: int) -> None:
+    """Weights, Adam moments and the scheduler's step are those of `before` at `after`."""
+    a, b = plain_state(root / f"iter_{before:07d}"), plain_state(root / f"iter_{after:07d}")
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in a)
+    assert_same_state(a, b)
+    sched = [json.loads((root / f"iter_{i:07d}" / "trainer_state.json").read_text())["scheduler"]["num_steps"]
+             for i in (before, after)]
+    assert sched[0] == sched[1]
+
+
+def _write_with_spare_slot_label(prefix, good_prefix):
+    """The synthetic documents, with one code of every 50th document in the image table's spare slots
+    (id >= text + image_vocab_size): the image head masks those to -inf, so the loss is +inf. (The
+    data is seeded, so which steps meet one is fixed; some do and some do not.)"""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_xomni.data.token_files import TokenFileWriter
+
+    tokens, masks = IndexedDataset(str(good_prefix)), IndexedDataset(str(good_prefix) + "_lossmask")
+    writer = TokenFileWriter(prefix)
+    for i in range(len(tokens)):
+        ids, mask = tokens[i].copy(), masks[i]
+        if i % 50 == 7:
+            ids[-3] = 512 + 256 + 5  # text 512 + image codes 256: a spare slot of the 320-row table
+        writer.add_document(ids, mask)
+    writer.finalize()
+
+
+def test_nonfinite_steps_are_skipped_without_touching_the_state_and_logged_honestly(data):
+    """A NaN gradient on one rank only, a real +inf loss from a spare-slot label, the consecutive-NaN
+    abort, and the logging window: the mean over finite steps with the skip count, NaN when all skipped."""
+    ov = lambda save, *extra: _ov(data, save, "save_interval=1", "keep_last=none", "steps=6", *extra)  # noqa: E731
+    run_ranks(_train_in_process, 2, ov("nan1", "debug_inject_nonfinite_steps=[3]", "debug_inject_nonfinite_rank=1"))
+    recs = _records(data / "nan1" / "metrics.jsonl")
+    by_it = {r["iteration"]: r for r in recs}
+    assert [by_it[i]["train_skipped_steps"] for i in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(by_it[3]["train_loss"]) and by_it[3]["train_window_skipped"] == 1  # every step of it skipped
+    assert all(math.isfinite(by_it[i]["train_loss"]) for i in (1, 2, 4, 5, 6))
+    _state_unchanged(data / "nan1", 2, 3)
+
+    run_ranks(_train_in_process, 2, _ov(data, "nan2", "steps=6", "log_interval=2", "debug_inject_nonfinite_steps=[3]"))
+    two = {r["iteration"]: r for r in _records(data / "nan2" / "metrics.jsonl")}
+    assert two[4]["train_window_skipped"] == 1 and two[4]["train_loss"] == by_it[4]["train_loss"]  # step 3 left out
+    lo, hi = sorted((by_it[1]["train_loss"], by_it[2]["train_loss"]))
+    assert lo <= two[2]["train_loss"] <= hi and two[2]["train_window_skipped"] == 0
+
+    spare = data / "data" / "spare"
+    _write_with_spare_slot_label(spare, data / "data" / "syn")
+    run_ranks(_train_in_process, 2, [*ov("inf"), f'data.blend=["{spare}"]', "max_consecutive_nonfinite=100"])
+    recs = _records(data / "inf" / "metrics.jsonl")
+    skipped_at = [r["iteration"] for r, prev in zip(recs, [{"train_skipped_steps": 0}] + recs)
+                  if r["train_skipped_steps"] > prev["train_skipped_steps"]]
+    assert skipped_at and len(skipped_at) < len(recs), f"spare-slot labels met at steps {skipped_at}: change the data"
+    for it in skipped_at:
+        assert math.isnan(by_it_or(recs, it)["train_loss"])  # an inf loss is not averaged into the log
+    it = next(i for i in skipped_at if i > 1 and i - 1 not in skipped_at)
+    _state_unchanged(data / "inf", it - 1, it)
+
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps had a NaN/Inf loss or gradient \(iteration 3\)"):
+        run_ranks(_train_in_process, 2, _ov(data, "abort", "steps=6", "max_consecutive_nonfinite=2",
+                                            "debug_inject_nonfinite_steps=[2,3]"))
+    assert (data / "abort" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(data / "nan" / "tensorboard"))
+    acc = EventAccumulator(str(data / "nan1" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ["train/loss", "train/text_loss", "train/image_loss", "train/lr", "train/grad_norm",
                 "throughput/tokens_per_s", "throughput/tokens_per_s_per_gpu", "throughput/tflops_per_gpu",
-                "throughput/mfu", "system/memory_gib", "train/consumed_samples", "train/skipped_steps"]:
+                "throughput/mfu", "system/memory_gib", "train/consumed_samples", "train/skipped_steps",
+                "train/window_skipped"]:
         assert tag in tags, tag
     assert [e.value for e in acc.Scalars("train/skipped_steps")][-1] == 1
+
+
+def by_it_or(recs, it):
+    return next(r for r in recs if r["iteration"] == it)
 
 
 def test_config_errors_stop_before_training_in_one_line(data):
