@@ -3,7 +3,8 @@
     xomni generate --bundle B --prompt "a red circle" --size 64x64 --num-images 4 --out out/
     xomni chat --bundle B --image photo.png --question "What is in the image?"
     xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/
-    xomni train RECIPE [key=value ...]          (megatron_xomni.train)
+    xomni train RECIPE [key=value ...]          (megatron_xomni.train; any stage)
+    xomni submit RECIPE --nodes N [--dry-run] [key=value ...]   (SLURM, any stage)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USAGE = 2
-DELEGATED = ("train", "convert", "demo")
+DELEGATED = ("train", "convert", "demo", "submit")
 
 
 class UsageError(ValueError):
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("train", "train a recipe: xomni train RECIPE [key=value ...]"),
                        ("convert", "convert checkpoints (HF <-> megatron): xomni convert --help"),
+                       ("submit", "submit any recipe to SLURM: xomni submit RECIPE --nodes N [--dry-run] [key=value ...]"),
                        ("demo", "run the tiny end-to-end pipeline: xomni demo [--out DIR] [--smoke]")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -423,6 +425,12 @@ def _convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def _submit(argv: list[str]) -> int:
+    from megatron_xomni.slurm.submit import main as submit_main
+
+    return submit_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from megatron_xomni.demo.cli import main as demo_main
 
@@ -455,7 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_library_warnings()
     if argv and argv[0] in DELEGATED:
         try:
-            return {"train": _train, "convert": _convert, "demo": _demo}[argv[0]](argv[1:]) or 0
+            return {"train": _train, "convert": _convert, "demo": _demo, "submit": _submit}[argv[0]](argv[1:]) or 0
         except UsageError as e:
             return _error(str(e))
     parser = build_parser()

@@ -1,4 +1,5 @@
-"""tools/submit.py + slurm/train.sbatch against a real SLURM cluster (tools/slurm_local.sh start).
+"""`xomni submit` (megatron_xomni/slurm/submit.py + train.sbatch) against a real SLURM cluster
+(tools/slurm_local.sh start).
 
 a. a 2-rank gloo job submitted through submit.py completes, its loss falls, a checkpoint exists;
 b. a job signalled mid-run (SIGUSR1 to its steps, as --signal=USR1@T and preemption do) saves,
@@ -29,7 +30,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SUBMIT = REPO / "tools" / "submit.py"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -87,19 +87,11 @@ needs_cluster = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def _submit_module():
-    spec = importlib.util.spec_from_file_location("xomni_tools_submit", SUBMIT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building the class
-    spec.loader.exec_module(module)
-    return module
-
-
-_SUBMIT = _submit_module()
+from megatron_xomni.slurm import submit as _SUBMIT  # noqa: E402
 
 
 def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """tools/submit.py ARGS, run in this process (one megatron import for all calls, not one per
+    """`xomni submit` ARGS, run in this process (one megatron import for all calls, not one per
     call); `test_help_runs_as_a_script` covers the command-line entry itself."""
     out, err = io.StringIO(), io.StringIO()
     saved = dict(os.environ)
@@ -272,8 +264,8 @@ def test_preempted_job_requeues_and_resumes_to_the_same_loss(reference_run, root
 
 # ---- c. dry run and layout refusal (no cluster needed) ------------------------------------------------
 def test_help_runs_as_a_script():
-    res = subprocess.run([sys.executable, str(SUBMIT), "--help"], capture_output=True, text=True,
-                         timeout=60, cwd="/")
+    res = subprocess.run([sys.executable, "-m", "megatron_xomni.cli", "submit", "--help"], capture_output=True,
+                         text=True, timeout=60, cwd="/")
     assert res.returncode == 0, res.stderr
     for needle in ("--nodes", "--gpus-per-node", "--ranks-per-node", "--dry-run", "--sbatch-arg",
                    "key=value", "Exit codes", "Examples"):
