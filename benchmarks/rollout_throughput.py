@@ -71,27 +71,20 @@ def main(argv=None) -> int:
 
     single_process_env()
 
-    from megatron_xomni.checkpointing import load_checkpoint, resolve_checkpoint
     from megatron_xomni.conversion.convert import convert_hf_to_megatron
-    from megatron_xomni.models.xomni.builder import build_model_chunks
-    from megatron_xomni.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
     from megatron_xomni.inference.sampling import SamplingConfig
-    from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+    from megatron_xomni.models.xomni.checkpoint import load_xomni
+    from megatron_xomni.parallel import destroy_parallel
 
     tmp = tempfile.mkdtemp(prefix="rollout_bench_")
     hf = _hf_model(f"{tmp}/hf", args)
     convert_hf_to_megatron(f"{tmp}/hf", f"{tmp}/mg", vision_layers=(0, 0), image_vocab_size=args.image_vocab,
                            image_table_size=args.image_vocab)
-    from megatron_xomni.checkpointing import read_metadata
-    from megatron_xomni.models.xomni import XOmniModelConfig
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
-    path = resolve_checkpoint(f"{tmp}/mg")
-    mcfg = XOmniModelConfig.from_dict(read_metadata(path, "model_config"))
-    par = ParallelConfig()
-    pg = initialize_parallel(par)
-    chunks = build_model_chunks(mcfg, par, pg)
-    load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
+    chunks, mcfg = load_xomni(f"{tmp}/mg")  # one process: starts a TP=PP=1 parallel state
+    pg = ProcessGroupCollection.use_mpu_process_groups()
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g)

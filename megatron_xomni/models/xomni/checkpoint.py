@@ -64,9 +64,15 @@ def read_model_config(folder: str | os.PathLike) -> XOmniModelConfig:
 def load_weights(chunks: list, folder: str | os.PathLike) -> None:
     """Collective: load the model part of a dist-ckpt folder (a model or a training checkpoint) into
     built chunks. ValueError in one line when its tensors do not fit these chunks."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = load_checkpoint(folder, model_sharded_state_dict(chunks), partial=True)
-    except Exception as e:  # dist-ckpt reports a shape/key mismatch over many lines
+    except (Exception, CheckpointException) as e:  # a shape/key mismatch, over many lines; torch's
+        # CheckpointException (what a mismatch on any rank becomes) is a BaseException, not an Exception
+        if isinstance(e, CheckpointException) and e.failures:  # the first rank's own exception says what
+            failure = next(iter(e.failures.values()))
+            e = failure[0] if isinstance(failure, tuple) else failure
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"checkpoint {folder} cannot be loaded into this model ({type(e).__name__}: {first}); "
                          "check the model config, or re-save / re-convert the checkpoint") from None
@@ -88,6 +94,11 @@ def current_layout() -> ParallelConfig:
 def _same_layout(a: ParallelConfig, b: ParallelConfig) -> bool:
     return (a.tensor_parallel, a.pipeline_parallel, a.virtual_pipeline_parallel or None, a.context_parallel) == \
         (b.tensor_parallel, b.pipeline_parallel, b.virtual_pipeline_parallel or None, b.context_parallel)
+
+
+def _brief(p: ParallelConfig) -> str:
+    vpp = f" VPP={p.virtual_pipeline_parallel}" if p.virtual_pipeline_parallel else ""
+    return f"TP={p.tensor_parallel} PP={p.pipeline_parallel}{vpp} CP={p.context_parallel}"
 
 
 def load_xomni(
@@ -127,9 +138,8 @@ def load_xomni(
     if ps.model_parallel_is_initialized():
         here = current_layout()
         if parallel is not None and not _same_layout(parallel, here):
-            raise LayoutError(f"load_xomni(parallel={parallel.describe(torch.distributed.get_world_size())}) but the "
-                              f"parallel state is {here.describe(torch.distributed.get_world_size())}: pass the "
-                              "layout the process groups were started with (or parallel=None)")
+            raise LayoutError(f"load_xomni(parallel={_brief(parallel)}) but the parallel state is {_brief(here)}: "
+                              "pass the layout the process groups were started with (or parallel=None)")
         parallel = here if parallel is None else parallel
         parallel.validate_for(mcfg, torch.distributed.get_world_size(), decoding=False)
     else:
