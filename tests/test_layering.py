@@ -13,8 +13,12 @@ scaling/ sits on floor 3: family.py derives model configs from models/xomni (and
 math, need nothing above floor 1), so the package as a whole is a sibling of models/ that training,
 inference and the CLI may use.
 
-Every import counts: module level, inside functions, `TYPE_CHECKING` blocks, and relative imports.
-The package root (`megatron_xomni/__init__.py`) is floor 1 and imports only floor 1.
+Every import counts: module level, inside functions, `TYPE_CHECKING` blocks, relative imports and
+`importlib.import_module("megatron_xomni...")`. The package root (`megatron_xomni/__init__.py`) is
+floor 1 and imports only floor 1.
+
+A second rule from issue 10: the built-in world is one data source, so only its own plugins import
+`megatron_xomni.world` (WORLD_USERS); WORLD_ALLOWED lists what still does, for the lead to shrink.
 """
 from __future__ import annotations
 
@@ -37,9 +41,22 @@ FLOORS = {
 }
 FLOOR_OF = {top: floor for floor, tops in FLOORS.items() for top in tops}
 
-# Imports that break the rule today, each owned by work in flight; shrink this to empty.
-# (importing module, imported module): why it is still here.
+# Imports that break the rule, each with why it is still here: (importing module, imported module).
+# Empty since evaluation/world_bench stopped importing rewards/; keep it empty.
 ALLOWED: dict[tuple[str, str], str] = {
+}
+
+
+# The built-in world is one data source among others: only the world's own plugins may import it
+# (the world corpus writer and world texts in data/, the world benchmark, the world reward).
+WORLD_USERS = ("megatron_xomni.world", "megatron_xomni.data.corpus", "megatron_xomni.data.text_tokenizer",
+               "megatron_xomni.data.caption_batches", "megatron_xomni.evaluation.world_bench",
+               "megatron_xomni.rewards.world_alignment")
+# Modules that still read the world directly; the data-sources work (issue 10, part 3) replaces
+# these with a world data source / prompt source, then deletes the entry.
+WORLD_ALLOWED: dict[str, str] = {
+    "megatron_xomni.training.flux_decoder": "world_images(): decoder batches from sample_world (-> image-text corpus source)",
+    "megatron_xomni.rl.trainer": "world_prompt(): GRPO prompts from sample_world (-> prompt source)",
 }
 
 
@@ -49,17 +66,17 @@ def _top(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
+def imports_of(path: Path, package: Path = PACKAGE) -> list[tuple[int, str]]:
     """(line, absolute module) for every megatron_xomni import in the file, wherever it sits."""
-    name = _module_name(path)
+    name = _module_name(path, package)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -118,6 +135,27 @@ def test_allowlist_has_no_stale_entries():
     assert not stale, f"remove from ALLOWED (fixed): {stale}"
 
 
+def world_importers() -> dict[str, list[int]]:
+    """Modules outside WORLD_USERS that import megatron_xomni.world, with the lines."""
+    out: dict[str, list[int]] = {}
+    for path in _modules():
+        me = _module_name(path)
+        if me.startswith(WORLD_USERS):
+            continue
+        lines = [line for line, mod in imports_of(path) if mod == "megatron_xomni.world" or
+                 mod.startswith("megatron_xomni.world.")]
+        if lines:
+            out[me] = lines
+    return out
+
+
+def test_only_world_plugins_import_the_world():
+    bad = {m: lines for m, lines in world_importers().items() if m not in WORLD_ALLOWED}
+    assert not bad, f"these import megatron_xomni.world (use a data source / prompt source): {bad}"
+    stale = sorted(set(WORLD_ALLOWED) - set(world_importers()))
+    assert not stale, f"remove from WORLD_ALLOWED (fixed): {stale}"
+
+
 @pytest.mark.parametrize("src,expected", [
     ("import megatron_xomni.rl.grpo\n", [(1, "megatron_xomni.rl.grpo")]),
     ("def f():\n    from megatron_xomni.training.step import x\n", [(2, "megatron_xomni.training.step")]),
@@ -126,14 +164,9 @@ def test_allowlist_has_no_stale_entries():
     ("import importlib\nimportlib.import_module('megatron_xomni.demo.cli')\n", [(2, "megatron_xomni.demo.cli")]),
     ("import torch\nfrom typing import TYPE_CHECKING\n", []),
 ])
-def test_import_reader_sees_every_form(tmp_path, monkeypatch, src, expected):
+def test_import_reader_sees_every_form(tmp_path, src, expected):
     """The reader itself: function-level, package-relative and importlib imports all count."""
     fake = tmp_path / "megatron_xomni" / "data" / "x.py"
     fake.parent.mkdir(parents=True)
     fake.write_text(src)
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "megatron_xomni", raising=False)
-    globals()["PACKAGE"], saved = tmp_path / "megatron_xomni", PACKAGE
-    try:
-        assert imports_of(fake) == expected
-    finally:
-        globals()["PACKAGE"] = saved
+    assert imports_of(fake, tmp_path / "megatron_xomni") == expected

@@ -88,7 +88,7 @@ def parse_rewards(text: Optional[str], benchmark: str) -> Optional[dict]:
 
 def parse_skills(text: Optional[str]) -> Optional[list[str]]:
     """"a,b" -> ["a", "b"] (world skills; None / "" -> all); ValueError naming an unknown skill."""
-    from megatron_xomni.world import SKILLS
+    from megatron_xomni.evaluation.world_bench import SKILLS
 
     if text is None or not text.strip():
         return None
@@ -107,8 +107,7 @@ def load_prompts(benchmark: str, path: Optional[str], per_skill: int, height: in
     if skills is not None and benchmark != "world":
         raise ValueError(f"--skills selects world skills: drop it for --benchmark {benchmark}")
     if benchmark == "world":
-        from megatron_xomni.evaluation.world_bench import world_benchmark_prompts
-        from megatron_xomni.world import SKILLS
+        from megatron_xomni.evaluation.world_bench import SKILLS, world_benchmark_prompts
 
         if per_skill < 1:
             raise ValueError(f"--per-skill={per_skill} must be >= 1")
