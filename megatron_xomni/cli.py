@@ -2,7 +2,7 @@
 
     xomni generate --bundle B --prompt "a red circle" --size 64x64 --num-images 4 --out out/
     xomni chat --bundle B --image photo.png --question "What is in the image?"
-    xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/
+    xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/   (eval.json: rewards, best-of-N, ceiling)
     xomni train RECIPE [key=value ...]          (megatron_xomni.train)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
