@@ -42,7 +42,7 @@ def bench_train_step(dec, grid, batch, repeats, device, dtype):
     params = [p for p in dec.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     cfg = TrainConfig()
-    b = {"pixels": torch.zeros(batch, 3, grid[0] * 16, grid[1] * 16), "index": torch.arange(batch),
+    b = {"pixels": torch.zeros(batch, 3, grid[0] * dec.cfg.token_pixels, grid[1] * dec.cfg.token_pixels), "index": torch.arange(batch),
          "features": torch.randn(batch, grid[0] * grid[1], dec.cfg.adapter_dim),
          "latents": torch.randn(batch, grid[0] * grid[1], dec.cfg.in_channels)}
     times = []
@@ -93,7 +93,7 @@ def main() -> None:
         sec_step = None
     print(json.dumps({
         "mode": "full-size" if args.full_size else "tiny-cpu", "device": str(device), "dtype": str(dtype),
-        "image_px": [grid[0] * 16, grid[1] * 16], "euler_steps": steps, "cfg_scale": args.cfg_scale,
+        "image_px": [grid[0] * dec.cfg.token_pixels, grid[1] * dec.cfg.token_pixels], "euler_steps": steps, "cfg_scale": args.cfg_scale,
         "transformer_params": sum(p.numel() for p in dec.transformer.parameters()),
         "sec_per_image": round(sec_img, 4), "train_batch": train_batch,
         "sec_per_train_step": None if sec_step is None else round(sec_step, 4),

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
     from megatron_xomni.cli import parse_size
     from megatron_xomni.inference import XOmniPipeline, init_process_group
+    from megatron_xomni.data.image_grid import ImageGrid
     from megatron_xomni.inference.tiny import build_tiny_bundle
     from megatron_xomni.parallel import destroy_parallel
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     pipe = XOmniPipeline.from_bundle(str(bundle), max_rows_per_forward=max(args.batch))
     steps = args.decoder_steps or pipe.decoder.cfg.num_inference_steps
     pipe.generate(["warm up"], h, w, seeds=[0], decoder_steps=steps)
-    print(f"bundle {bundle}; {h}x{w} px ({(h // 16) * (w // 16)} image tokens), decoder {steps} steps, "
+    print(f"bundle {bundle}; {h}x{w} px ({ImageGrid.from_pixels(h, w, pipe.spec.patch_size).num_tokens} image tokens), decoder {steps} steps, "
           f"threads {torch.get_num_threads()}, device {pipe.device}")
     print(f"{'batch':>5s} {'AR s':>8s} {'total s':>8s} {'images/s':>9s}")
     for b in args.batch:

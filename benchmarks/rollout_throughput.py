@@ -51,21 +51,15 @@ def _hf_model(path, args):
 
 def _megatron_policy(hf_dir, out, args):
     """The HF model converted with no vision blocks and loaded at TP=1: (process groups, chunks)."""
-    from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     from megatron_xomni.conversion.convert import convert_hf_to_megatron
-    from megatron_xomni.models.xomni import XOmniModelConfig
-    from megatron_xomni.models.xomni.builder import build_model_chunks
-    from megatron_xomni.parallel import ParallelConfig, initialize_parallel
-    from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+    from megatron_xomni.models.xomni.checkpoint import load_xomni
 
     convert_hf_to_megatron(hf_dir, out, vision_layers=(0, 0), image_vocab_size=args.image_vocab,
                            image_table_size=args.image_vocab)
-    path = resolve_checkpoint(out)
-    mcfg = XOmniModelConfig.from_dict(read_metadata(path, "model_config"))
-    pg = initialize_parallel(ParallelConfig())
-    chunks = build_model_chunks(mcfg, ParallelConfig(), pg)
-    load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
-    return pg, chunks
+    chunks, _ = load_xomni(out)  # one process: starts a TP=PP=1 parallel state
+    return ProcessGroupCollection.use_mpu_process_groups(), chunks
 
 
 def _hf_joint_vocab_model(xomni_dir, text_cfg):

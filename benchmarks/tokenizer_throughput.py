@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, nearest_code, tokenizer_config
 
 
@@ -61,7 +62,7 @@ def bench_tokenizer(device: torch.device, batch: int, iters: int, sizes: list[in
             opt.step()
 
         t_enc, t_train = _time([encode, step], device, iters)
-        print(f"tiny preset {px:4d}px ({(px // 16) ** 2:3d} tokens/img), batch {batch}: "
+        print(f"tiny preset {px:4d}px ({ImageGrid.from_pixels(px, px, tok.cfg.patch_size).num_tokens:3d} tokens/img), batch {batch}: "
               f"encode {batch / t_enc:9.1f} img/s | train step {batch / t_train:9.1f} img/s")
 
 

@@ -2,7 +2,7 @@
 
     xomni generate --bundle B --prompt "a red circle" --size 64x64 --num-images 4 --out out/
     xomni chat --bundle B --image photo.png --question "What is in the image?"
-    xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/
+    xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/   (eval.json: rewards, best-of-N, ceiling)
     xomni train RECIPE [key=value ...]          (megatron_xomni.train; any stage)
     xomni submit RECIPE --nodes N [--dry-run] [key=value ...]   (SLURM, any stage)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images-per-prompt", type=int, default=None,
                    help="default: world 2, geneval/dpg/longtext 4")
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
+    e.add_argument("--skills", default=None, help="world: comma-separated skills (default: all)")
+    e.add_argument("--rewards", default=None,
+                   help="rewards scored on every image, NAME=WEIGHT,... (default: world_alignment=1 for world, "
+                        "none otherwise; 'none' turns them off)")
     e.add_argument("--out", required=True, help="output folder")
     _add_image_args(e, None, "64x64 for world, else 1024x1024")
     _add_sampling_args(e, "image tokens")
@@ -185,7 +189,6 @@ def _sampling(args):
 
 
 def _layout(args, spec):
-    from megatron_xomni.inference.pipeline import validate_layout
     from megatron_xomni.parallel import ParallelConfig
 
     par = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
@@ -194,7 +197,7 @@ def _layout(args, spec):
         raise UsageError(f"--tensor-parallel {par.tensor_parallel} x --pipeline-parallel {par.pipeline_parallel} needs "
                          f"{par.model_parallel_size} ranks but this run has {world}: launch with "
                          f"torchrun --nproc-per-node {par.model_parallel_size} -m megatron_xomni.cli ...")
-    validate_layout(spec, par, world)
+    par.validate_for(spec.model_config, world, decoding=True)
     return par
 
 
@@ -374,21 +377,23 @@ def cmd_chat(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from megatron_xomni.inference.evaluate import DEFAULT_IMAGES, EvalJob, load_prompts, prompt_text, write_outputs
+    from megatron_xomni.inference import evaluate as ev
     from megatron_xomni.inference.bundle import inspect_paths
 
     height, width = parse_size(args.size or ("64x64" if args.benchmark == "world" else "1024x1024"))
-    n_img = args.images_per_prompt or DEFAULT_IMAGES[args.benchmark]
+    n_img = args.images_per_prompt or ev.DEFAULT_IMAGES[args.benchmark]
     _check_count("--images-per-prompt", n_img)
     _check_count("--batch-size", args.batch_size)
+    rewards = ev.parse_rewards(args.rewards, args.benchmark)
+    skills = ev.parse_skills(args.skills)
     spec = inspect_paths(_paths(args, decoder=True))
     spec.grid(height, width)
-    prompts = load_prompts(args.benchmark, args.prompts, args.per_skill, height, width, args.limit)
-    texts = [prompt_text(args.benchmark, p) for p in prompts]
+    prompts = ev.load_prompts(args.benchmark, args.prompts, args.per_skill, height, width, args.limit, skills)
+    texts = [ev.prompt_text(args.benchmark, p) for p in prompts]
     spec.check_generation(texts, height, width)
     sampling = _sampling(args)
     par = _layout(args, spec)
-    job = EvalJob(args.benchmark, prompts, n_img, height, width, args.seed)
+    job = ev.EvalJob(args.benchmark, prompts, n_img, height, width, args.seed, rewards, str(spec.checkpoint))
 
     from megatron_xomni.inference.pipeline import XOmniPipeline
     from megatron_xomni.parallel import destroy_parallel
@@ -396,7 +401,7 @@ def cmd_evaluate(args) -> int:
     pg = _start(par, args.seed)
     try:
         pipe = XOmniPipeline.from_spec(spec, pg=pg, dtype=args.dtype, max_rows_per_forward=args.batch_size)
-        jobs = [(t, args.seed + i * n_img + j) for i, t in enumerate(texts) for j in range(n_img)]
+        jobs = [(t, seed) for t, seeds in zip(texts, ev.image_seeds(job)) for seed in seeds]
         images: list[list] = [[] for _ in prompts]
 
         def keep(k: int, img) -> None:
@@ -404,7 +409,9 @@ def cmd_evaluate(args) -> int:
 
         _generate_all(pipe, jobs, height, width, args, sampling, keep)
         if _rank() == 0:
-            summary = write_outputs(job, images, Path(args.out))
+            ceiling = ev.render_ground_truth(pipe.renderer, job, args.decoder_steps, args.decoder_guidance) \
+                if args.benchmark == "world" and rewards else None
+            summary = ev.write_outputs(job, images, Path(args.out), ground_truth=ceiling)
             headline = {k: summary[k] for k in ("overall", "accuracy") if k in summary}
             print(json.dumps({"benchmark": args.benchmark, "out": args.out, **headline}), flush=True)
     finally:

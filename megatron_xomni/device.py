@@ -8,8 +8,11 @@ spawned workers, subprocesses); `megatron_xomni/__init__.py` calls it so the fil
 before anything imports megatron-core. Entry points then call `announce_missing_extras()` where
 real work starts, which prints the single notice (rank 0, once per process).
 
-Detection never imports Transformer Engine or Apex (importlib.util.find_spec only), nor torch
-before it is needed.
+The home of device and dtype detection: `transformer_engine_usable()` (TE imports *and* a GPU
+exists: what decides the layer spec, fused norms and CP attention), `resolve_dtype()` (inference:
+"auto" = bf16 on a GPU, fp32 on the CPU) and `resolve_precision()` (training precision names,
+FP8 included). `transformer_engine_installed()` never imports Transformer Engine or Apex
+(importlib.util.find_spec only); nothing here imports torch before it is needed.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from functools import lru_cache
 
 GPU_EXTRA = "pip install megatron-xomni[gpu]"
 # Start of every megatron-core 0.16 "not installed" warning about these two (matched case-insensitively).
@@ -38,6 +42,55 @@ def transformer_engine_installed() -> bool:
 
 def apex_installed() -> bool:
     return importlib.util.find_spec("apex") is not None
+
+
+@lru_cache(maxsize=1)
+def transformer_engine_usable() -> bool:
+    """Transformer Engine is used only where it imports *and* a GPU exists (imports both, once)."""
+    if not cuda_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE build (ABI mismatch, missing CUDA libs) means: use the local spec
+        return False
+    return True
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+
+
+def resolve_dtype(dtype):
+    """A torch.dtype from a torch.dtype or a name in DTYPES; "auto": bf16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if cuda_available() else torch.float32
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}: use auto, float32 or bfloat16")
+    return table[dtype]
+
+
+def resolve_precision(precision: str):
+    """Training precision -> (params dtype, TransformerConfig overrides). "auto": bf16 on a GPU, else fp32;
+    "fp8": bf16 parameters with Transformer Engine's delayed-scaling FP8 (needs a GPU with TE).
+    ValueError (one line) when this machine cannot run it."""
+    import torch
+
+    cuda = cuda_available()
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if precision not in ("fp32", "bf16", "fp8"):
+        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp8")
+    if precision == "fp8" and not cuda:
+        raise ValueError("precision=fp8 needs a GPU with Transformer Engine: use bf16 or fp32 on CPU")
+    if precision == "fp8":
+        if not transformer_engine_usable():
+            raise ValueError(f"precision=fp8 needs Transformer Engine: {GPU_EXTRA}")
+        return torch.bfloat16, {"fp8": "hybrid", "fp8_recipe": "delayed"}
+    return (torch.bfloat16 if precision == "bf16" else torch.float32), {}
 
 
 def quiet_missing_extras() -> None:

@@ -42,3 +42,40 @@ def test_notice_text(monkeypatch):
     assert "as expected without a GPU" in device.missing_extras_notice()
     monkeypatch.setattr(device, "transformer_engine_installed", lambda: True)
     assert device.missing_extras_notice() is None
+
+
+def test_dtype_and_precision_resolution(monkeypatch):
+    """device.py is the one home: "auto" follows the machine, fp8 needs a GPU with Transformer Engine."""
+    import torch
+
+    for cuda, auto in [(False, torch.float32), (True, torch.bfloat16)]:
+        monkeypatch.setattr(device, "cuda_available", lambda c=cuda: c)
+        assert device.resolve_dtype("auto") is auto
+        assert device.resolve_precision("auto") == (auto, {})
+    assert device.resolve_dtype("bf16") is torch.bfloat16 and device.resolve_dtype(torch.float16) is torch.float16
+    assert device.resolve_precision("bf16") == (torch.bfloat16, {})
+    with pytest.raises(ValueError, match="dtype='half': use auto, float32 or bfloat16"):
+        device.resolve_dtype("half")
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        device.resolve_precision("fp16")
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        device.resolve_precision("fp8")
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    monkeypatch.setattr(device, "transformer_engine_usable", lambda: False)
+    with pytest.raises(ValueError, match="needs Transformer Engine: pip install megatron-xomni"):
+        device.resolve_precision("fp8")
+    monkeypatch.setattr(device, "transformer_engine_usable", lambda: True)
+    assert device.resolve_precision("fp8") == (torch.bfloat16, {"fp8": "hybrid", "fp8_recipe": "delayed"})
+
+
+def test_transformer_engine_usable_needs_a_gpu(monkeypatch):
+    import megatron_xomni.models.xomni.layer_spec as spec
+
+    assert spec.transformer_engine_usable is device.transformer_engine_usable  # one definition, re-exported
+    device.transformer_engine_usable.cache_clear()
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
+    try:
+        assert device.transformer_engine_usable() is False
+    finally:
+        device.transformer_engine_usable.cache_clear()

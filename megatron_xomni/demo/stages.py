@@ -110,13 +110,21 @@ def decoder_path(ctx: DemoContext) -> str:
     return str(ctx.out / "decoder" / "export")
 
 
+# The world's detector-scored skills: the text skill needs OCR, which the tiny policy cannot pass.
+EVAL_SKILLS = "single_object,two_objects,counting,colors,position,color_attr"
+
+
 def _evaluate(ctx: DemoContext, ckpt: Path, name: str) -> dict:
+    """`xomni evaluate --benchmark world` on the policy: eval.json (rewards, best-of-N, ceiling, per-skill
+    accuracy) and samples.png, the same evaluation path users run."""
     cfg = ctx.cfg
     out = ctx.dir(name)
-    ctx.run([sys.executable, "-m", "megatron_xomni.inference.evaluate_policy", "--ckpt", str(ckpt), *_artifacts(ctx),
-             "--out", str(out), "--per-skill", str(cfg.eval_per_skill), "--samples", str(cfg.eval_samples),
-             "--size", str(cfg.image_size), "--decoder-steps", str(cfg.decoder_sample_steps), "--seed", str(cfg.seed + 2024)],
-            name)
+    size = f"{cfg.image_size}x{cfg.image_size}"
+    ctx.run([sys.executable, "-m", "megatron_xomni.cli", "evaluate", "--benchmark", "world", "--model", str(ckpt),
+             *_artifacts(ctx), "--out", str(out), "--per-skill", str(cfg.eval_per_skill),
+             "--images-per-prompt", str(cfg.eval_samples), "--size", size, "--skills", EVAL_SKILLS,
+             "--rewards", "world_alignment=1.0", "--decoder-steps", str(cfg.decoder_sample_steps),
+             "--seed", str(cfg.seed + 2024), "--batch-size", "64", "--no-progress"], name)
     return json.loads((out / "eval.json").read_text())
 
 
@@ -185,13 +193,18 @@ def report(ctx: DemoContext) -> dict:
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
+    from megatron_xomni.data.image_grid import ImageGrid
+    from megatron_xomni.models.siglip_vq.model import check_pretrained
+
+    grid = ImageGrid.from_pixels(ctx.cfg.image_size, ctx.cfg.image_size,
+                                 check_pretrained(image_tokenizer_path(ctx)).patch_size)
     sft, rl = json.loads((out / "eval_sft" / "eval.json").read_text()), json.loads((out / "eval_grpo" / "eval.json").read_text())
     beats = rl["mean_reward"] > sft["best_of_n_reward"]
     n = sft["samples_per_prompt"]
     timings = "\n".join(f"| {k} | {v:.0f} |" for k, v in ctx.timings.items())
     text = f"""# megatron-xomni tiny pipeline report
 
-Built-in world, {ctx.cfg.image_size} px images ({ctx.cfg.image_size // 16}x{ctx.cfg.image_size // 16} image tokens), all on CPU.
+Built-in world, {ctx.cfg.image_size} px images ({grid.rows}x{grid.cols} image tokens), all on CPU.
 Seeds: data {ctx.cfg.seed}, evaluation sampling {sft['seed']} (the same prompts and seeds for both policies).
 Evaluation: {sft['num_prompts']} held-out prompts x {n} samples each (T=1.0, min-p 0.03), scored by the world detector.
 

@@ -7,7 +7,9 @@ the text skill scored by OCR (LongText-style word match), on a fixed held-out pr
     write_report(report, "out/eval")   # eval.json + eval.md
 
 A GenEval-style image counts as correct only if every requested check passes; the text skill's
-accuracy is the mean word-match score. Per-skill accuracy averages over prompts and images.
+accuracy is the mean word-match score (evaluation.longtext, the same metric as the `ocr_text`
+reward). Per-skill accuracy averages over prompts and images. Scorers only: rewards are combined
+with these scores by the evaluation runner (megatron_xomni.inference.evaluate).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_xomni.evaluation.longtext import detect_lang, match_counts, text_accuracy
 from megatron_xomni.world import SKILLS, held_out_prompts
 
 
@@ -26,11 +29,23 @@ def world_benchmark_prompts(n_per_skill: int = 4, seed: int = 12345, height: int
     return held_out_prompts(n_per_skill * len(skills), seed=seed, height=height, width=width, skills=list(skills))
 
 
+def _text_score(sample, image, ocr: Callable) -> float:
+    """LongText-style word-match accuracy of the OCR reading against the prompt's text (0 without text)."""
+    gt = sample.meta.get("text")
+    if not gt:
+        return 0.0
+    lang = sample.meta.get("lang") or detect_lang(gt)
+    if match_counts(gt, "", lang)[1] == 0:  # nothing countable: skip the (slow) OCR
+        return 0.0
+    return text_accuracy(gt, ocr(image), lang)
+
+
 def score_world_benchmark(prompts, images: list[list], ocr: Optional[Callable] = None) -> dict:
-    """Per-skill accuracy of `images[i]` (several per prompt) against `prompts[i]`."""
+    """Per-skill accuracy of `images[i]` (several per prompt) against `prompts[i]`.
+
+    `ocr`: any image -> str callable for the text skill (default: the shared RapidOCR engine)."""
     from megatron_xomni.world.detector import score_image
 
-    ocr_reward = None
     per_skill: dict[str, list[float]] = defaultdict(list)
     per_skill_fraction: dict[str, list[float]] = defaultdict(list)
     rows = []
@@ -38,12 +53,11 @@ def score_world_benchmark(prompts, images: list[list], ocr: Optional[Callable] =
         skill = sample.meta["skill"]
         for img in imgs:
             if skill == "text":
-                if ocr_reward is None:
-                    from megatron_xomni.rewards import get_reward
+                if ocr is None:
+                    from megatron_xomni.evaluation.ocr import default_ocr
 
-                    ocr_reward = get_reward("ocr_text", **({"ocr": ocr} if ocr else {}))
-                s = ocr_reward([sample.caption], [img], [sample.meta])[0] or 0.0
-                frac = s
+                    ocr = default_ocr()  # cached per process: the model load is the slow part
+                s = frac = _text_score(sample, img, ocr)
             else:
                 r = score_image(img, sample.meta)
                 s, frac = r["score"], r["fraction"]

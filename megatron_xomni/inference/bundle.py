@@ -82,14 +82,10 @@ class PipelineSpec:
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) token grid of an image size; ValueError naming the fix unless both are positive multiples
-        of the patch size."""
-        p = self.patch_size
-        if height <= 0 or width <= 0 or height % p or width % p:
-            fix_h = max(p, round(height / p) * p)
-            fix_w = max(p, round(width / p) * p)
-            raise ValueError(f"image size {height}x{width} is not a multiple of the {p}-pixel token grid: "
-                             f"use e.g. {fix_h}x{fix_w}")
-        return height // p, width // p
+        of the image tokenizer's patch size."""
+        from megatron_xomni.data.image_grid import ImageGrid
+
+        return ImageGrid.from_pixels(height, width, self.patch_size).shape
 
     def check_prompts(self, prompts: Sequence[str], height: int, width: int) -> tuple[int, int]:
         """Validate prompts for one image size (text without reserved tokens, sequence fits); returns the grid."""
@@ -189,15 +185,13 @@ def inspect_paths(paths: PipelinePaths) -> PipelineSpec:
 
     dcfg = None
     if paths.decoder is not None:
-        from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS
+        from megatron_xomni.models.flux_decoder.config import check_decoder_patch
         from megatron_xomni.models.flux_decoder.model import check_export
 
         dcfg = check_export(paths.decoder)
         if int(dcfg.adapter_dim) != int(icfg.adapter_dim):
             raise ValueError(f"decoder adapter_dim={dcfg.adapter_dim} != image tokenizer adapter_dim="
                              f"{icfg.adapter_dim}: use the decoder trained on this image tokenizer's features")
-        if int(icfg.patch_size) != TOKEN_PIXELS:
-            raise ValueError(f"image tokenizer patch {icfg.patch_size} px != decoder token size {TOKEN_PIXELS} px: "
-                             "their grids would not align; use a patch-16 tokenizer")
+        check_decoder_patch(int(icfg.patch_size), dcfg)
     return PipelineSpec(paths=paths, checkpoint=ckpt, model_config=mcfg, text_tokenizer=text_tok,
                         image_config=icfg, decoder_config=dcfg)

@@ -1,7 +1,12 @@
-"""Generate images for a benchmark's prompts and write them the way its scorer expects.
+"""The evaluation runner: generate images for a benchmark's prompts, write them the way its scorer
+expects, and combine the scorers (megatron_xomni.evaluation) with rewards (megatron_xomni.rewards).
 
 - world:    the built-in world benchmark (megatron_xomni.evaluation.world_bench), scored here:
-            `<out>/world.json` + `<out>/world.md`, images in `<out>/images/{i:04d}_{j}.png`.
+            `<out>/world.json` + `<out>/world.md`, images in `<out>/images/{i:04d}_{j}.png`, and the
+            policy report `<out>/eval.json`: mean single-sample reward, best-of-N reward (mean over
+            prompts of the max over its images), the rendering ceiling `ground_truth_codes_reward`
+            (the prompts' ground-truth images through the frozen tokenizer + decoder), per-skill
+            accuracy; `<out>/samples.png`: one row per prompt, the ground-truth image first.
 - geneval:  GenEval's layout for its external scorer: `<out>/<00000>/metadata.jsonl` (the prompt's
             metadata line) + `<out>/<00000>/samples/<j:05d>.png`.
 - dpg:      DPG-Bench's layout: `<out>/<item_id>.png`, the images of one prompt tiled in a grid
@@ -10,7 +15,9 @@
             LongText metric (rapidocr): `<out>/longtext.json` + `<out>/longtext.md`.
 
 Image j of prompt i uses seed `seed + i * images_per_prompt + j`, so any single image can be
-regenerated with `xomni generate --seed ...`.
+regenerated with `xomni generate --seed ...`. `--rewards NAME=WEIGHT,...` (default: world_alignment
+for world, none otherwise) adds the reward statistics to summary.json (and eval.json); a reward that
+does not apply to an image (None) counts as 0, as in GRPO.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from PIL import Image
 
 BENCHMARKS = ("world", "geneval", "dpg", "longtext")
 DEFAULT_IMAGES = {"world": 2, "geneval": 4, "dpg": 4, "longtext": 4}
+DEFAULT_REWARDS = {"world": {"world_alignment": 1.0}}
 # Ids from a prompt file become file names under --out: one plain name each (no separators, no leading
 # dot), so that `../..`, an absolute path or a hidden name cannot write outside --out.
 _PLAIN_NAME = re.compile(r"\w[\w.\-]*")
@@ -46,19 +54,65 @@ class EvalJob:
     """Image width in pixels."""
     seed: int = 0
     """Base seed (see the module docstring)."""
+    rewards: Optional[dict] = None
+    """Reward weights {name: weight} scored on every image (None: no reward statistics)."""
+    checkpoint: Optional[str] = None
+    """The evaluated checkpoint (recorded in the reports)."""
+
+
+def parse_rewards(text: Optional[str], benchmark: str) -> Optional[dict]:
+    """"name=weight,name=weight" (or "none") -> {name: weight}; None / "" -> the benchmark's default.
+    ValueError (one line) for an unknown name or a weight that is not a positive number."""
+    from megatron_xomni.rewards import available_rewards
+
+    if text is None or not text.strip():
+        default = DEFAULT_REWARDS.get(benchmark)
+        return dict(default) if default else None
+    if text.strip().lower() == "none":
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        name = name.strip()
+        if name not in available_rewards():
+            raise ValueError(f"--rewards: unknown reward {name!r}: choose from {', '.join(available_rewards())}")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"--rewards: weight {weight!r} of {name} is not a number (use name=1.0)") from None
+        if not math.isfinite(w) or w <= 0:
+            raise ValueError(f"--rewards: weight {weight!r} of {name} must be a positive number")
+        out[name] = w
+    return out
+
+
+def parse_skills(text: Optional[str]) -> Optional[list[str]]:
+    """"a,b" -> ["a", "b"] (world skills; None / "" -> all); ValueError naming an unknown skill."""
+    from megatron_xomni.evaluation.world_bench import SKILLS
+
+    if text is None or not text.strip():
+        return None
+    skills = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in skills if s not in SKILLS]
+    if bad:
+        raise ValueError(f"--skills: unknown world skill {bad[0]!r}: choose from {', '.join(SKILLS)}")
+    return skills
 
 
 def load_prompts(benchmark: str, path: Optional[str], per_skill: int, height: int, width: int,
-                 limit: Optional[int] = None) -> list:
+                 limit: Optional[int] = None, skills: Optional[list[str]] = None) -> list:
     """The benchmark's prompts (ValueError / FileNotFoundError with one line when they cannot be read)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}: choose one of {', '.join(BENCHMARKS)}")
+    if skills is not None and benchmark != "world":
+        raise ValueError(f"--skills selects world skills: drop it for --benchmark {benchmark}")
     if benchmark == "world":
-        from megatron_xomni.evaluation.world_bench import world_benchmark_prompts
+        from megatron_xomni.evaluation.world_bench import SKILLS, world_benchmark_prompts
 
         if per_skill < 1:
             raise ValueError(f"--per-skill={per_skill} must be >= 1")
-        prompts = world_benchmark_prompts(n_per_skill=per_skill, height=height, width=width)
+        prompts = world_benchmark_prompts(n_per_skill=per_skill, height=height, width=width,
+                                          skills=skills or SKILLS)
     else:
         from megatron_xomni.evaluation.benchmarks import load_benchmark
 
@@ -123,13 +177,80 @@ def _save(img: Image.Image, path: Path) -> str:
     return str(path)
 
 
+def image_seeds(job: EvalJob) -> list[list[int]]:
+    """seeds[i][j]: the seed of image j of prompt i (see the module docstring)."""
+    n = job.images_per_prompt
+    return [[job.seed + i * n + j for j in range(n)] for i in range(len(job.prompts))]
+
+
+def ceiling_seeds(job: EvalJob) -> list[int]:
+    """Decoder seeds of the ground-truth renders: after every generated image's seed."""
+    first = job.seed + len(job.prompts) * job.images_per_prompt
+    return [first + i for i in range(len(job.prompts))]
+
+
+def render_ground_truth(renderer, job: EvalJob, steps: Optional[int] = None,
+                        guidance: float = 1.0) -> list[Image.Image]:
+    """World only: each prompt's ground-truth image -> frozen tokenizer codes -> decoder. No policy can
+    score higher than what the tokenizer + decoder render from the true codes (the rendering ceiling)."""
+    import torch
+
+    from megatron_xomni.inference.render import pil_to_pixels
+
+    device = next(renderer.tokenizer.parameters()).device
+    out: list[Image.Image] = []
+    seeds, texts = ceiling_seeds(job), [prompt_text(job.benchmark, p) for p in job.prompts]
+    for s in range(0, len(job.prompts), renderer.batch_size):
+        part = job.prompts[s:s + renderer.batch_size]
+        with torch.no_grad():
+            codes = renderer.tokenizer.encode(pil_to_pixels([p.image for p in part]).to(device))
+        out += renderer(codes, seeds[s:s + len(part)], texts[s:s + len(part)], steps=steps, guidance=guidance)
+    return out
+
+
+def reward_report(job: EvalJob, images: list[list[Image.Image]],
+                  ground_truth: Optional[list[Image.Image]] = None) -> dict:
+    """Mean single-sample reward, best-of-N reward and (given the ground-truth renders) the ceiling."""
+    from megatron_xomni.rewards import RewardEnsemble
+
+    ensemble = RewardEnsemble(dict(job.rewards))
+    texts = [prompt_text(job.benchmark, p) for p in job.prompts]
+    per_prompt = []
+    for t, p, imgs in zip(texts, job.prompts, images):
+        total = ensemble([t] * len(imgs), imgs, [p.meta] * len(imgs)).total
+        per_prompt.append([0.0 if v is None else float(v) for v in total])
+    out = {"rewards": dict(job.rewards),
+           "mean_reward": sum(map(sum, per_prompt)) / sum(map(len, per_prompt)),
+           "best_of_n_reward": sum(max(r) for r in per_prompt) / len(per_prompt)}
+    if ground_truth is not None:
+        total = ensemble(texts, ground_truth, [p.meta for p in job.prompts]).total
+        out["ground_truth_codes_reward"] = sum(0.0 if v is None else float(v) for v in total) / len(texts)
+    return out
+
+
+def samples_grid(prompts, images: list[list[Image.Image]], per_row: int) -> Image.Image:
+    """One row per prompt: the ground-truth world image, then its first `per_row` samples."""
+    size = images[0][0].size
+    canvas = Image.new("RGB", (size[0] * (per_row + 1), size[1] * len(prompts)), "white")
+    for i, (p, imgs) in enumerate(zip(prompts, images)):
+        canvas.paste(p.image.resize(size), (0, i * size[1]))
+        for j, im in enumerate(imgs[:per_row]):
+            canvas.paste(im, ((j + 1) * size[0], i * size[1]))
+    return canvas
+
+
 def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
-                  ocr: Optional[Callable] = None) -> dict:
-    """Write images (and, for world/longtext, the scores) for `images[i]` = the images of prompt i."""
+                  ocr: Optional[Callable] = None, ground_truth: Optional[list[Image.Image]] = None) -> dict:
+    """Write images (and, for world/longtext, the scores) for `images[i]` = the images of prompt i.
+    `ground_truth`: world only, the renders of `render_ground_truth` (adds the ceiling to eval.json)."""
     out.mkdir(parents=True, exist_ok=True)
     b = job.benchmark
     summary: dict = {"benchmark": b, "num_prompts": len(job.prompts), "images_per_prompt": job.images_per_prompt,
                      "height": job.height, "width": job.width, "seed": job.seed}
+    if job.checkpoint is not None:
+        summary["checkpoint"] = job.checkpoint
+    rewards = reward_report(job, images, ground_truth if b == "world" else None) if job.rewards else {}
+    summary.update(rewards)
     if b == "world":
         from megatron_xomni.evaluation.world_bench import score_world_benchmark, write_report
 
@@ -140,6 +261,11 @@ def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
         j_path, m_path = write_report(report, out, name="world")
         summary.update(overall=report["overall"], per_skill=report["per_skill"], report=str(j_path),
                        table=str(m_path))
+        policy = {"checkpoint": job.checkpoint, "seed": job.seed, "samples_per_prompt": job.images_per_prompt,
+                  "num_prompts": len(job.prompts), **rewards, "accuracy": report["overall"],
+                  "per_skill": report["per_skill"], "per_skill_fraction": report["per_skill_fraction"]}
+        (out / "eval.json").write_text(json.dumps(policy, indent=2))
+        samples_grid(job.prompts, images, per_row=min(job.images_per_prompt, 4)).save(out / "samples.png")
     elif b == "geneval":
         for p, imgs in zip(job.prompts, images):
             folder = out / p.id

@@ -29,17 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_xomni.device import resolve_dtype  # also re-exported: its home is device.py
 from megatron_xomni.inference.bundle import PipelinePaths, PipelineSpec, inspect_paths
+from megatron_xomni.inference.render import Renderer, to_pil  # noqa: F401  (to_pil re-exported)
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 Turn = Union[str, tuple[str, str]]
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> RGB image (the rounding diffusers' image processor uses)."""
-    x = ((pixels.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
-    arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(arr, mode="RGB")
 
 
 def init_process_group(parallel=None, seed: int = 1234):
@@ -49,39 +44,6 @@ def init_process_group(parallel=None, seed: int = 1234):
 
     single_process_env()
     return initialize_parallel(parallel or ParallelConfig(), seed=seed)
-
-
-def current_layout():
-    """ParallelConfig of the initialised megatron-core parallel state."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_xomni.parallel import ParallelConfig
-
-    return ParallelConfig(
-        tensor_parallel=ps.get_tensor_model_parallel_world_size(),
-        pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_parallel=ps.get_virtual_pipeline_model_parallel_world_size(),
-    )
-
-
-def validate_layout(spec: PipelineSpec, parallel, world_size: int) -> None:
-    """LayoutError (a ValueError) unless the model can be split this way over world_size ranks."""
-    m = spec.model_config
-    parallel.validate(world_size, num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-                      num_layers_total=m.num_layers_total,
-                      vocab_sizes={"text_vocab_size": m.text_vocab_size, "image_table_size": m.image_table_size})
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"auto": bf16 on a GPU, fp32 on the CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: use auto, float32 or bfloat16")
-    return table[dtype]
 
 
 def _seeds(seeds: int | Sequence[int], n: int) -> list[int]:
@@ -114,6 +76,9 @@ class XOmniPipeline:
                                      image_vocab_size=self.model_config.image_vocab_size, **(format_overrides or {}))
         self.max_rows_per_forward = int(max_rows_per_forward)
         self.device = next(chunks[0].parameters()).device
+        self.renderer = None
+        if decoder is not None and image_tokenizer is not None:
+            self.renderer = Renderer(image_tokenizer, decoder, batch_size=self.max_rows_per_forward)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,9 +102,7 @@ class XOmniPipeline:
         from megatron.core import parallel_state as ps
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        from megatron_xomni.checkpointing import load_checkpoint
-        from megatron_xomni.models.xomni.builder import build_model_chunks
-        from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+        from megatron_xomni.models.xomni.checkpoint import current_layout, load_xomni
 
         spec.preprocess_config(preprocess)  # fail on a bad name before loading anything
         if not ps.model_parallel_is_initialized():
@@ -147,20 +110,12 @@ class XOmniPipeline:
                 raise ValueError("call initialize_parallel(ParallelConfig(...)) on every rank before loading the pipeline")
             pg = init_process_group()
         pg = pg or ProcessGroupCollection.use_mpu_process_groups()
-        par = current_layout()
-        validate_layout(spec, par, torch.distributed.get_world_size())
+        current_layout().validate_for(spec.model_config, torch.distributed.get_world_size(), decoding=True)
         torch_dtype = resolve_dtype(dtype)
-        chunks = build_model_chunks(spec.model_config, par, pg, params_dtype=torch_dtype)
-        try:
-            loaded = load_checkpoint(spec.checkpoint, model_sharded_state_dict(chunks), partial=True)
-        except Exception as e:  # the files passed inspect_paths' checks, so the tensors themselves do not fit
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ValueError(f"checkpoint {spec.checkpoint} cannot be loaded into the model its model_config.json "
-                             f"describes ({type(e).__name__}: {first}); re-save or re-convert it") from None
-        load_model_state(chunks, loaded)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        chunks, _ = load_xomni(spec.checkpoint, pg=pg, dtype=torch_dtype, model_config=spec.model_config)
+        device = next(chunks[0].parameters()).device
         for c in chunks:
-            c.to(device).eval().requires_grad_(False)
+            c.requires_grad_(False)
         image_tok = decoder = None
         if torch.distributed.get_rank() == 0:
             from megatron_xomni.models.siglip_vq import SiglipVQTokenizer
@@ -222,25 +177,9 @@ class XOmniPipeline:
     def decode_codes(self, codes: Sequence[torch.Tensor], prompts: Sequence[str], seeds: Sequence[int],
                      decoder_steps: Optional[int] = None, decoder_guidance: float = 1.0) -> list[Image.Image]:
         """Codes [h, w] -> images with the diffusion decoder (output rank only). Codes of one call share a grid."""
-        from megatron_xomni.models.flux_decoder.sampling import sample_from_codes
-
-        if self.decoder is None or self.image_tokenizer is None:
+        if self.renderer is None:
             raise ValueError("this rank holds no decoder: decode on global rank 0 of a pipeline loaded with a decoder")
-        if not (len(codes) == len(prompts) == len(seeds)):
-            raise ValueError(f"{len(codes)} code grids, {len(prompts)} prompts and {len(seeds)} seeds: pass one of each per image")
-        images: list[Image.Image] = []
-        text_variant = self.decoder.cfg.variant == "text"
-        step = self.max_rows_per_forward
-        for s in range(0, len(codes), step):
-            batch = torch.stack([torch.as_tensor(c) for c in codes[s:s + step]]).to(self.device)
-            pixels = sample_from_codes(
-                self.decoder, self.image_tokenizer, batch,
-                prompts=list(prompts[s:s + step]) if text_variant else None,
-                num_inference_steps=decoder_steps, guidance_scale=float(decoder_guidance),
-                generator=[int(x) for x in seeds[s:s + step]],
-            )
-            images.extend(to_pil(p) for p in pixels)
-        return images
+        return self.renderer(codes, seeds, prompts, steps=decoder_steps, guidance=decoder_guidance)
 
     def generate(self, prompts: Sequence[str], height: int, width: int, seeds: int | Sequence[int] = 0,
                  sampling=None, cfg_scale: float = 1.0, decoder_steps: Optional[int] = None,

@@ -1,30 +1,96 @@
-"""Rendering image codes to pictures: the frozen SigLIP-VQ tokenizer + diffusion decoder."""
+"""Codes -> images: the frozen SigLIP-VQ tokenizer's adapter features through the diffusion decoder.
+
+The one codes -> image path of the package: XOmniPipeline, the evaluation runner and the GRPO
+trainer all render through `Renderer`. Image k of a call is fully determined by (codes[k], seeds[k],
+prompts[k], steps, guidance): its decoder noise comes from a CPU generator seeded with seeds[k]
+(device-independent), whatever batch it is rendered in.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Optional, Sequence
+
+import numpy as np
 import torch
+from PIL import Image
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> RGB image (the rounding diffusers' image processor uses)."""
+    x = ((pixels.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+    arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def pil_to_pixels(images) -> torch.Tensor:
+    """PIL images of one size -> float [B, 3, H, W] in [-1, 1] (the inverse of to_pil, no resizing)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 class Renderer:
-    """Frozen image tokenizer + diffusion decoder: codes [B, h, w] -> PIL images."""
+    """Frozen image tokenizer + diffusion decoder: codes [B, h, w] -> PIL images.
 
-    def __init__(self, image_tokenizer: str, decoder: str, steps: int):
-        from megatron_xomni.models.flux_decoder import XOmniDecoder
-        from megatron_xomni.inference.tokenize_corpus import load_image_tokenizer
+    `image_tokenizer` / `decoder`: loaded modules, or folders (a SiglipVQTokenizer save_pretrained
+    folder or preset name; a decoder export), loaded onto `device` (default CPU) in `torch_dtype`.
+    `steps`: Euler steps (None: the decoder config's default). `guidance`: decoder-side CFG scale
+    (1 = off). `batch_size`: images per decoder call (bounds memory; does not change any image).
+    """
 
-        self.tokenizer = load_image_tokenizer(image_tokenizer)
-        self.decoder = XOmniDecoder.from_pretrained(decoder).eval().requires_grad_(False)
+    def __init__(self, image_tokenizer, decoder, steps: Optional[int] = None, guidance: float = 1.0,
+                 batch_size: int = 64, device: str | torch.device = "cpu", torch_dtype=None):
+        if isinstance(image_tokenizer, (str, os.PathLike)):
+            from megatron_xomni.inference.tokenize_corpus import load_image_tokenizer
+
+            image_tokenizer = load_image_tokenizer(str(image_tokenizer), device=str(device))
+        if isinstance(decoder, (str, os.PathLike)):
+            from megatron_xomni.models.flux_decoder import XOmniDecoder
+
+            decoder = XOmniDecoder.from_pretrained(decoder, torch_dtype=torch_dtype).to(device)
+        self.tokenizer = image_tokenizer.eval().requires_grad_(False)
+        self.decoder = decoder.eval().requires_grad_(False)
         self.steps = steps
+        self.guidance = float(guidance)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size = int(batch_size)
+
+    @property
+    def patch(self) -> int:
+        """Pixels per code (the image tokenizer's patch size)."""
+        cfg = self.tokenizer.config if hasattr(self.tokenizer, "config") else self.tokenizer.cfg
+        return int(cfg.patch_size)
+
+    @property
+    def needs_prompts(self) -> bool:
+        """The "text" decoder variant conditions on the prompt as well as on the codes."""
+        return getattr(self.decoder.cfg, "variant", "image") == "text"
 
     @torch.no_grad()
-    def __call__(self, codes: torch.Tensor, seeds: list[int], prompts: list[str]) -> list:
-        from PIL import Image
-
+    def __call__(self, codes, seeds: Sequence[int], prompts: Optional[Sequence[str]] = None,
+                 steps: Optional[int] = None, guidance: Optional[float] = None) -> list[Image.Image]:
+        """Codes ([B, h, w] tensor or B [h, w] arrays of one grid) -> B images; one seed (and prompt) per image."""
         from megatron_xomni.models.flux_decoder.sampling import sample_from_codes
 
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        kwargs = {"prompts": prompts} if getattr(self.decoder.cfg, "variant", "image") == "text" else {}
-        pixels = sample_from_codes(self.decoder, self.tokenizer, codes, num_inference_steps=self.steps,
-                                   generator=gens, **kwargs)
-        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        codes = [torch.as_tensor(c) for c in codes]
+        if prompts is None:
+            if self.needs_prompts:
+                raise ValueError("this decoder is the 'text' variant: pass one prompt per image")
+            prompts = [""] * len(codes)
+        if not (len(codes) == len(seeds) == len(prompts)):
+            raise ValueError(f"{len(codes)} code grids, {len(seeds)} seeds and {len(prompts)} prompts: "
+                             "pass one of each per image")
+        device = next(self.decoder.transformer.parameters()).device
+        images: list[Image.Image] = []
+        for s in range(0, len(codes), self.batch_size):
+            batch = torch.stack(codes[s:s + self.batch_size]).to(device=device, dtype=torch.long)
+            pixels = sample_from_codes(
+                self.decoder, self.tokenizer, batch,
+                prompts=list(prompts[s:s + self.batch_size]) if self.needs_prompts else None,
+                num_inference_steps=steps if steps is not None else self.steps,
+                guidance_scale=self.guidance if guidance is None else float(guidance),
+                generator=[int(x) for x in seeds[s:s + self.batch_size]],
+            )
+            images.extend(to_pil(p) for p in pixels)
+        return images

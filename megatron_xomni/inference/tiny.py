@@ -26,10 +26,10 @@ def build_tiny_bundle(out: str | Path, seed: int = 0, weight_std: float = 0.15, 
     from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.models.xomni.builder import build_model_chunks
+    from megatron_xomni.models.xomni.checkpoint import model_sharded_state_dict
     from megatron_xomni.parallel import ParallelConfig
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
     from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
-    from megatron_xomni.training.step import model_sharded_state_dict
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

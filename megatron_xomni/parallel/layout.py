@@ -128,6 +128,37 @@ class ParallelConfig:
                     f"2*context_parallel={2 * cp}: pad sequences"
                 )
 
+    def validate_for(
+        self,
+        model_cfg,
+        world_size: int,
+        seq_length: Optional[int] = None,
+        num_microbatches: Optional[int] = None,
+        have_te_attention: bool = False,
+        decoding: bool = False,
+    ) -> None:
+        """The one layout check of every stage (training, GRPO, inference, conversion, submit).
+
+        `model_cfg` is any object with the XOmniModelConfig fields (num_attention_heads,
+        num_query_groups, num_layers_total, text_vocab_size, image_table_size): this floor does not
+        import the model. Both vocabulary tables are split over TP, so both must divide.
+        `decoding=True` (generation, GRPO rollouts) refuses sequence parallelism: decoding runs one
+        token at a time, which a sequence split over TP ranks cannot hold."""
+        self.validate(
+            world_size,
+            num_attention_heads=model_cfg.num_attention_heads,
+            num_query_groups=model_cfg.num_query_groups,
+            num_layers_total=model_cfg.num_layers_total,
+            seq_length=seq_length,
+            vocab_sizes={"model.text_vocab_size": model_cfg.text_vocab_size,
+                         "model.image_table_size": model_cfg.image_table_size},
+            have_te_attention=have_te_attention,
+            num_microbatches=num_microbatches,
+        )
+        if decoding and self.sequence_parallel:
+            raise LayoutError("generation decodes one token at a time: set parallel.sequence_parallel=False "
+                              "for inference and GRPO")
+
     def describe(self, world_size: int) -> str:
         vpp = f" VPP={self.virtual_pipeline_parallel}" if self.virtual_pipeline_parallel else ""
         sp = " SP" if self.sequence_parallel else ""

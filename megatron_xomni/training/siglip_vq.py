@@ -173,15 +173,13 @@ def build_llm(cfg: TokenizerTrainConfig, pg_collection):
         (llm,) = build_model_chunks(mcfg, ParallelConfig(), pg_collection)
         load_teacher_weights(llm, ckpt)
     elif ckpt is not None:
-        from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
-        from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
+        from megatron_xomni.checkpointing import read_metadata
+        from megatron_xomni.models.xomni.checkpoint import checkpoint_folder, load_xomni
 
-        path = resolve_checkpoint(ckpt) if not (ckpt / "metadata.json").exists() else ckpt
+        path = checkpoint_folder(ckpt)
         saved = read_metadata(path, "model_config")
         mcfg = XOmniModelConfig.from_dict(saved) if saved else model_preset(cfg.llm_preset)
-        chunks = build_model_chunks(mcfg, ParallelConfig(), pg_collection)
-        load_model_state(chunks, load_checkpoint(path, model_sharded_state_dict(chunks)))
-        llm = chunks[0]
+        (llm,), _ = load_xomni(path, ParallelConfig(), pg_collection, model_config=mcfg)
     else:
         (llm,) = build_model_chunks(model_preset(cfg.llm_preset), ParallelConfig(), pg_collection)
     return llm

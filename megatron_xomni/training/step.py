@@ -12,6 +12,9 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+# The model's own state dict helpers live beside the model; re-exported for callers of this module.
+from megatron_xomni.models.xomni.checkpoint import load_model_state, model_sharded_state_dict  # noqa: F401
+
 
 def loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, text_vocab_size: int, per_token_loss: torch.Tensor):
     """(sum of masked token losses, number of masked tokens, per-modality sums for logging)."""
@@ -104,19 +107,6 @@ def forward_logits(chunks: list, microbatches: list[dict], pg_collection) -> lis
     return list(store or [])
 
 
-def _unwrap(m):
-    return m.module if hasattr(m, "module") and not hasattr(m, "model_cfg") else m
-
-
-def _chunk_keys(chunks: list) -> list[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-
-
-def model_sharded_state_dict(chunks: list, metadata: dict | None = None) -> dict:
-    """{'model': ...} (or model0, model1, ... with virtual pipeline stages) for dist-ckpt."""
-    return {k: _unwrap(c).sharded_state_dict(metadata=metadata) for k, c in zip(_chunk_keys(chunks), chunks)}
-
-
 # The distributed optimizer's default checkpoint format (fully_sharded_model_space) is refused by
 # megatron-core 0.16.1's own saver, and `dp_reshardable` restores a wrong Adam step and reshards
 # over DP only. `fully_reshardable` stores each optimizer tensor in model space (the shape of its
@@ -196,8 +186,3 @@ def load_train_state(chunks: list, optimizer, loaded: dict) -> None:
     """Restore model and optimizer from a loaded `train_state_sharded_dict`."""
     load_model_state(chunks, loaded)
     _load_optimizer(optimizer, loaded["optimizer"])
-
-
-def load_model_state(chunks: list, loaded: dict) -> None:
-    for key, chunk in zip(_chunk_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=False)

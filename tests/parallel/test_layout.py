@@ -47,3 +47,27 @@ def test_valid_7b_layouts_and_derived_dp():
                        (ParallelConfig(tensor_parallel=4, context_parallel=2), 16)]:
         _validate(par, world, have_te=True)
     assert ParallelConfig(tensor_parallel=4, pipeline_parallel=2).data_parallel(64) == 8
+
+
+def test_validate_for_checks_what_every_stage_needs():
+    """The one entry point: heads, KV heads, layers, both vocabulary tables, SP/CP rules, decoding."""
+    from dataclasses import replace
+
+    m = replace(M7B, image_table_size=16449)  # odd image table: the check GRPO used to skip
+    with pytest.raises(LayoutError, match=r"model.image_table_size=16449 is not divisible by tensor_parallel=2"):
+        ParallelConfig(tensor_parallel=2).validate_for(m, 2)
+    with pytest.raises(LayoutError, match=r"model.text_vocab_size=641 is not divisible"):
+        ParallelConfig(tensor_parallel=2).validate_for(replace(M7B, text_vocab_size=641), 2)
+    with pytest.raises(LayoutError, match="num_attention_heads=28 is not divisible by tensor_parallel=8"):
+        ParallelConfig(tensor_parallel=8).validate_for(M7B, 8)
+    with pytest.raises(LayoutError, match="multiple of pipeline_parallel"):
+        ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2).validate_for(M7B, 2, num_microbatches=3)
+    with pytest.raises(LayoutError, match=r"seq_length \(1001\) divisible"):
+        ParallelConfig(tensor_parallel=2, sequence_parallel=True).validate_for(M7B, 2, seq_length=1001)
+    with pytest.raises(LayoutError, match="needs Transformer Engine"):
+        ParallelConfig(context_parallel=2).validate_for(M7B, 2)
+    sp = ParallelConfig(tensor_parallel=2, sequence_parallel=True)
+    sp.validate_for(M7B, 2, seq_length=1024)  # training may split the sequence ...
+    with pytest.raises(LayoutError, match="set parallel.sequence_parallel=False"):
+        sp.validate_for(M7B, 2, decoding=True)  # ... generation cannot
+    ParallelConfig(tensor_parallel=4, pipeline_parallel=2).validate_for(M7B, 16, decoding=True)

@@ -108,6 +108,12 @@ class DecoderConfig:
         return self.latent_channels * LATENT_PATCH * LATENT_PATCH
 
     @property
+    def token_pixels(self) -> int:
+        """Pixels per decoder token side (VAE downsampling x latent packing): the image tokenizer's patch
+        must equal it, so that one code feeds exactly one decoder token (see check_decoder_patch)."""
+        return TOKEN_PIXELS
+
+    @property
     def inner_dim(self) -> int:
         """Transformer width."""
         return self.num_attention_heads * self.attention_head_dim
@@ -123,6 +129,20 @@ class DecoderConfig:
         if unknown:
             raise ValueError(f"{path}: unknown decoder config keys {sorted(unknown)}; was it written by a newer version?")
         return cls(**data)
+
+
+def check_decoder_patch(tokenizer_patch: int, cfg: "DecoderConfig | None" = None) -> int:
+    """The decoder's token size for an image tokenizer's patch; ValueError (one line) when they differ.
+
+    The FLUX latent grid is fixed by the architecture (VAE_SCALE x LATENT_PATCH = 16 px per token), and
+    the semantic features are added token for token, so the code grid (ImageGrid with the tokenizer's
+    patch) and the decoder grid must be the same grid."""
+    size = cfg.token_pixels if cfg is not None else TOKEN_PIXELS
+    if int(tokenizer_patch) != size:
+        raise ValueError(f"image tokenizer patch {tokenizer_patch} px != decoder token size {size} px (VAE "
+                         f"{VAE_SCALE}x downsampling, {LATENT_PATCH}x{LATENT_PATCH} latent packing): their grids "
+                         f"would not align; use a patch-{size} image tokenizer")
+    return size
 
 
 def _tokenizer_adapter_dim(tokenizer_preset: str) -> int:

@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS, DecoderConfig
+from megatron_xomni.models.flux_decoder.config import DecoderConfig, check_decoder_patch
 from megatron_xomni.models.flux_decoder.model import XOmniDecoder
 
 
@@ -137,8 +137,7 @@ def sample_from_codes(decoder: XOmniDecoder, tokenizer, codes: torch.Tensor, **k
     if not torch.is_tensor(codes) or codes.ndim != 3 or codes.dtype.is_floating_point:
         raise ValueError(f"codes must be an integer [B, h, w] tensor, got {getattr(codes, 'shape', type(codes))}")
     tcfg = tokenizer.config if hasattr(tokenizer, "config") else tokenizer.cfg
-    if int(tcfg.patch_size) != TOKEN_PIXELS:
-        raise ValueError(f"tokenizer patch size {tcfg.patch_size} != {TOKEN_PIXELS}: grids would not align 1:1")
+    check_decoder_patch(int(tcfg.patch_size), decoder.cfg)
     if int(tcfg.adapter_dim) != decoder.cfg.adapter_dim:
         raise ValueError(f"tokenizer adapter_dim {tcfg.adapter_dim} != decoder adapter_dim {decoder.cfg.adapter_dim}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= int(tcfg.codebook_size)):

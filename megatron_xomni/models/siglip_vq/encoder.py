@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipVisionEmbeddings
 
+from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.models.siglip_vq.config import SigLIPVQConfig
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,8 @@ class SiglipViTEncoder(nn.Module):
         nn.init.normal_(self.embeddings.position_embedding.weight, std=1.0 / math.sqrt(self.cfg.width))
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        p = self.cfg.patch_size
-        if height % p or width % p or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} must be a positive multiple of patch_size={p}; "
-                             "resize/crop the image first")
-        return height // p, width // p
+        """(rows, cols) of the patch grid; one-line ValueError unless both sides are multiples of the patch."""
+        return ImageGrid.from_pixels(height, width, self.cfg.patch_size).shape
 
     def position_embeddings(self, h: int, w: int) -> torch.Tensor:
         """[h*w, width] position embeddings for an (h, w) patch grid."""

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megatron_xomni.data.image_grid import ImageGrid
+
 CONFIG_NAME = "pixel_decoder.json"
 WEIGHTS_NAME = "pixel_decoder.safetensors"
 LOSSES = ("l1", "l2", "l1+l2")
@@ -139,7 +141,7 @@ def train_pixel_decoder(decoder: PixelDecoder, feats: torch.Tensor, pixels: torc
     """Fit the decoder to (feats, pixels) pairs (precomputed features of a frozen tokenizer)."""
     if feats.shape[0] != pixels.shape[0]:
         raise ValueError(f"{feats.shape[0]} feature rows for {pixels.shape[0]} images; compute one per image")
-    grid = (pixels.shape[-2] // decoder.cfg.patch_size, pixels.shape[-1] // decoder.cfg.patch_size)
+    grid = ImageGrid.from_pixels(pixels.shape[-2], pixels.shape[-1], decoder.cfg.patch_size).shape
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
@@ -170,7 +172,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 @torch.no_grad()
 def reconstruct(decoder: PixelDecoder, tok, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels -> frozen tokenizer codes -> decoder reconstruction, same shape as pixels."""
-    grid = (pixels.shape[-2] // decoder.cfg.patch_size, pixels.shape[-1] // decoder.cfg.patch_size)
+    grid = ImageGrid.from_pixels(pixels.shape[-2], pixels.shape[-1], decoder.cfg.patch_size).shape
     return decoder(tokenizer_features(tok, pixels), grid)
 
 

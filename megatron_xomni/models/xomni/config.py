@@ -106,7 +106,7 @@ class XOmniModelConfig:
         """megatron-core TransformerConfig for this model under a ParallelConfig."""
         from megatron.core.transformer import TransformerConfig
 
-        from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
+        from megatron_xomni.device import transformer_engine_usable
 
         # Fused kernels (bias-SwiGLU, bias-dropout-add, RoPE, wgrad accumulation) come from
         # Transformer Engine / CUDA; the local spec on CPU runs the plain PyTorch paths.

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
-import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -13,22 +11,11 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_xomni.device import transformer_engine_usable  # also re-exported for old callers
 from megatron_xomni.models.xomni.attention import SDPAttention
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.models.xomni.layers import XOmniFinalNorm, XOmniVisionLayer
 from megatron_xomni.models.xomni.norm import RMSNorm
-
-
-@lru_cache(maxsize=1)
-def transformer_engine_usable() -> bool:
-    """TE is used only where it imports *and* a GPU exists."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def _layer_spec(use_te: bool) -> tuple[ModuleSpec, type]:

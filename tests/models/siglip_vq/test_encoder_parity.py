@@ -146,7 +146,7 @@ def test_checkpoint_grid_is_resized_on_load(siglip_dir):
 def test_bad_inputs_raise_clear_errors(siglip_dir, tmp_path):
     path, _ = siglip_dir
     enc = _ours(path)
-    with pytest.raises(ValueError, match="multiple of patch_size"):
+    with pytest.raises(ValueError, match="64x50 is not a multiple of the 16-pixel token grid: use e.g. 64x48"):
         enc(torch.zeros(1, 3, 64, 50))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         enc(torch.zeros(3, 64, 64))
