@@ -46,9 +46,10 @@ class PromptConfig:
     format: str = "auto"
     """auto (world, or from the file suffix .txt / .jsonl), txt, jsonl, geneval, dpg_bench, longtext_bench."""
     split: str = "train"
-    """World only: "train" (the training stream) or "heldout" (evaluation's disjoint stream)."""
+    """World only (ignored for files): "train" (the training stream) or "heldout" (evaluation's disjoint stream)."""
     skills: list = field(default_factory=list)
-    """World only: skills that row i cycles through (skills[i % len(skills)]); empty: all skills."""
+    """World only (ignored for files, so a world recipe runs on a file by setting `source` alone): skills that
+    row i cycles through (skills[i % len(skills)]); empty: all skills."""
     seed: int = 777
     """World: the stream's seed. Files: the seed of each pass's shuffled order."""
     shuffle: bool = True
@@ -77,9 +78,6 @@ class PromptConfig:
 
             check_world_skills(self.skills, "prompts.skills")
             return
-        if self.skills or self.split != "train":
-            raise ValueError(f"prompts.skills / prompts.split choose world prompts; prompts.source={self.source} "
-                             "is a file: drop them")
         if self.format == "auto" and Path(self.source).suffix.lower() not in (".txt", ".jsonl"):
             raise ValueError(f"prompts.source={self.source}: cannot tell the format from the suffix; use a .txt or "
                              f".jsonl file or set prompts.format to one of {', '.join(BENCHMARKS)}")

@@ -82,8 +82,7 @@ def test_bad_jsonl_is_one_line(tmp_path, lines, message):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the format"):
         PromptConfig(source="prompts.csv").validate()
-    with pytest.raises(ValueError, match="is a file: drop them"):
-        PromptConfig(source="p.txt", skills=["counting"]).validate()
+    PromptConfig(source="p.txt", skills=["counting"]).validate()  # world-only knobs are ignored for files
     with pytest.raises(ValueError, match="unknown world skill"):
         PromptConfig(skills=["juggling"]).validate()
     with pytest.raises(ValueError, match="prompts.format='csv'"):
