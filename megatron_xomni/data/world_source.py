@@ -4,8 +4,11 @@ image-text source. With the world reward and the world benchmark, this is the on
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
+import torch
+
+from megatron_xomni.data.corpus_source import BatchShape, ImageTextSource, pil_to_pixels
 from megatron_xomni.data.prompts import PromptSource, has_value
 
 
@@ -49,3 +52,29 @@ class WorldPromptSource(PromptSource):
     def fields(self) -> set[str]:
         # which fields carry a value depends only on the skill: one row per skill tells them all
         return set().union(*({k for k, v in self[i].items() if has_value(v)} for i in range(len(self.skills))))
+
+
+class WorldImageSource(ImageTextSource):
+    """Record g = world training sample g of world `seed`, rendered at size x size (skill drawn by
+    the world's own mix, or skills[g % len(skills)]). Endless; use it with a fixed BatchShape."""
+
+    def __init__(self, seed: int = 0, size: int = 64, skills: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        if skills is not None:
+            check_world_skills(skills)
+        self.seed, self.size, self.skills = seed, size, list(skills) if skills else None
+        self.name = f"world(seed={seed}, {size}px)"
+
+    def _record(self, index: int, shape: BatchShape):
+        from megatron_xomni.world import sample_world
+
+        skill = self.skills[index % len(self.skills)] if self.skills else None
+        s = sample_world(index, seed=self.seed, height=self.size, width=self.size, skill=skill)
+        self.report.count_yielded()
+        return s.image, s.caption, s.meta
+
+
+def world_images(indices: Iterable[int], size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """World training images `indices` as pixels [B, 3, size, size] in [-1, 1], and their captions."""
+    batch = WorldImageSource(seed, size).gather(indices, BatchShape.fixed(size))
+    return batch["pixels"], batch["prompts"]
