@@ -13,13 +13,13 @@ from megatron_xomni.data.corpus import (
     write_corpus,
     write_folder_corpus,
     write_jsonl_corpus,
-    write_world_corpus,
 )
 from megatron_xomni.data.corpus_source import BatchShape, CorpusSource, ImageTextSource, image_text_source
 from megatron_xomni.data.decode import DaliDecoder, DecodeFailed, PillowDecoder, dali_available, make_decoder
 from megatron_xomni.data.preprocess import ImagePreprocessConfig, ImageRejected, check_size, preprocess, target_size
 from megatron_xomni.data.prompts import PromptConfig, PromptSource, make_prompt_source
 from megatron_xomni.data.reader import CorpusDataset, CorpusReader, iter_tar_records
+from megatron_xomni.data.world_source import write_world_corpus
 from megatron_xomni.data.report import SkipReason, SkipReport
 
 __all__ = [

@@ -264,45 +264,6 @@ def write_corpus(
     return writer.manifest
 
 
-def write_world_corpus(
-    out_dir: str | os.PathLike,
-    num_samples: int,
-    seed: int = 0,
-    height: int = 64,
-    width: int = 64,
-    skills: Iterable[str] | None = None,
-    samples_per_shard: int = 1000,
-    world_config=None,
-    **writer_kwargs,
-) -> CorpusManifest:
-    """Write `num_samples` images of the built-in world (megatron_xomni.world).
-
-    skills=None uses the world's own skill mix; otherwise record i gets skill skills[i % len(skills)].
-    Meta keeps the world's meta plus "qa" (question/answer pairs) and "world" (index, seed, skill), so
-    the exact image can be regenerated.
-    """
-    from megatron_xomni.world import SKILLS, sample_world  # lazy: the world is optional for real corpora
-
-    skill_list = None if skills is None else list(skills)
-    if skill_list is not None:
-        unknown = [s for s in skill_list if s not in SKILLS]
-        if unknown or not skill_list:
-            raise ValueError(f"skills must be a non-empty subset of {SKILLS}, got {skill_list}")
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-
-    def records():
-        for i in range(num_samples):
-            skill = None if skill_list is None else skill_list[i % len(skill_list)]
-            s = sample_world(i, seed=seed, height=height, width=width, skill=skill, config=world_config)
-            meta = dict(s.meta)
-            meta["qa"] = [[q, a] for q, a in s.qa]
-            meta["world"] = {"index": i, "seed": seed, "skill": skill}
-            yield s.image, s.caption, meta
-
-    return write_corpus(records(), out_dir, samples_per_shard=samples_per_shard, **writer_kwargs)
-
-
 def _read_bytes(path: Path) -> bytes | None:
     try:
         return path.read_bytes()

@@ -144,3 +144,25 @@ def test_check_fields_refuses_a_source_no_row_of_which_has_a_field(tmp_path):
     nulls = make_prompt_source(PromptConfig(source=str(_jsonl(tmp_path, [{"prompt": "a", "text": None}], "n.jsonl"))))
     with pytest.raises(ValueError, match="no row has a value for the 'text' field"):
         check_fields(nulls, {"ocr_text": ("text",)})  # null everywhere: the reward could never score
+
+
+def test_only_the_world_adapters_import_the_world():
+    """The world is one data source among others: besides the world package itself, only the data
+    adapter, the world reward and the world benchmark import it (imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    import megatron_xomni
+
+    root = Path(megatron_xomni.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("world/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "megatron_xomni.world" or n.startswith("megatron_xomni.world.") for n in names):
+                importers.add(rel)
+    assert importers == {"data/world_source.py", "rewards/world_alignment.py", "evaluation/world_bench.py"}
