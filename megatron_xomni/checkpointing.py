@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -62,23 +62,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _queue_server_init() -> None:
     """Runs in the results-queue server process: it must die with the trainer that started it.
 
-    Forked from the trainer, it inherits the trainer's SIGTERM/SIGUSR1 handlers (which only set a
-    flag), so it would ignore a scheduler's TERM and outlive a SIGKILLed trainer as an orphan holding
-    gigabytes. Restore the default handlers and ask the kernel to kill it when its parent dies."""
+    It is forked from the trainer and lives only to serve the trainer's saves. A preemption's
+    SIGUSR1/SIGTERM reaches every process of the job: the server must survive them (the trainer is
+    about to save through it), so it ignores both; it dies when its parent dies (PR_SET_PDEATHSIG),
+    so a SIGKILLed trainer leaves no orphan holding gigabytes."""
     import ctypes
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which shuts this down
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the default handlers still end it on TERM
+    except (OSError, AttributeError):  # not Linux
         pass
+    if os.getppid() == 1:  # the trainer died before the line above took effect
+        os._exit(0)
 
 
-def _fork_results_queue() -> None:
+def use_orphan_free_writer() -> None:
     """megatron-core's async file writer makes its results queue with a *spawn* Manager, which
     re-imports the launching script (a fresh interpreter, 5-16 s, and a crash in scripts without
     a __main__ guard). A fork-context Manager serves the same queue in ~0.2 s; its server process
@@ -98,13 +100,16 @@ def _fork_results_queue() -> None:
 def save_checkpoint(
     root,
     iteration: int,
-    sharded_state_dict: dict,
+    payload: Union[dict, Callable[[Path], None]],
     metadata: Optional[dict[str, dict]] = None,
     keep_last: Optional[int] = None,
     per_rank: Optional[dict] = None,
     before_publish: Optional[Callable[[], None]] = None,
 ) -> Path:
-    """Collective: every rank calls it with its sharded state dict. Returns the final folder.
+    """Collective: every rank calls it. Returns the final folder.
+
+    `payload` is a megatron-core sharded state dict (written with dist_checkpointing.save), or a
+    callable that writes any payload into the temporary folder it is given (collective too).
 
     `per_rank` (tensors/dicts, e.g. RNG states) is written by each rank to
     `rank_state/<rank>.pt` inside the same atomic folder. `before_publish` runs on every rank once
@@ -122,8 +127,11 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    _fork_results_queue()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    if callable(payload):
+        payload(tmp)
+    else:
+        use_orphan_free_writer()
+        dist_checkpointing.save(payload, str(tmp))
     if per_rank is not None:
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save(per_rank, tmp / "rank_state" / f"{_rank()}.pt")

@@ -187,3 +187,22 @@ def apply() -> bool:
 
 def is_applied() -> bool:
     return _APPLIED
+
+
+@contextlib.contextmanager
+def suspended():
+    """The CUDA->CPU TorchFunctionMode popped for the block (when it is the innermost mode).
+
+    The mode adds a Python call to every torch function (~1-2 us each, measured); code that
+    places all its tensors itself and calls no megatron-core CUDA placement (the lean decode
+    path) runs without it.
+    """
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _MODE is None or not stack or stack[-1] is not _MODE:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()

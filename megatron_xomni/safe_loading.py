@@ -35,6 +35,8 @@ _ALLOWED = {
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "slice"),
+    ("pathlib", "PosixPath"),  # DCP records the checkpoint id; building a path runs nothing
+    ("pathlib", "PurePosixPath"),
 }
 
 
@@ -133,3 +135,20 @@ def check_metadata(ckpt_dir) -> None:
     except Exception as e:  # truncated, zero-byte or garbage
         raise ValueError(f"{path} is unreadable ({type(e).__name__}): the checkpoint is damaged; "
                          "use an earlier iteration or a trusted copy") from None
+
+
+def dcp_load(state_dict: dict, folder) -> None:
+    """torch.distributed.checkpoint.load through the safe readers; a refused object is one line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    install()
+    check_metadata(folder)
+    try:
+        dcp.load(state_dict, checkpoint_id=str(folder))
+    except CheckpointException as e:  # a BaseException: turn a refusal into the one-line error
+        text = str(e)
+        if "Weights only load failed" in text or "not checkpoint metadata" in text:
+            raise UnsafeCheckpointError(f"{folder} holds an object that is not plain data: refusing to load it "
+                                        "(the file was modified; restore it from a trusted copy)") from None
+        raise

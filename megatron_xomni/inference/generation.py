@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_xomni.inference.decode import DecodeEngine
 from megatron_xomni.inference.sampling import SamplingConfig, draw, sample_generators, token_logprobs
 
 
@@ -53,6 +54,10 @@ class RolloutConfig:
     """At most this many sequences share one generation batch (bounds KV-cache memory)."""
     use_kv_cache: bool = True
     """False re-runs the whole prefix every step (slow; a reference for tests)."""
+    fast: bool = True
+    """With the KV cache: the lean decode path (`inference/decode.py`) over the same parameters
+    (local-spec models; Transformer Engine layers run the reference); False runs megatron-core's
+    forward with a StaticInferenceContext (the reference)."""
 
     def validate(self) -> None:
         self.sampling.validate()
@@ -180,6 +185,10 @@ class _Branch:
 def _generate_bucket(runner: PipelineRunner, prompts: torch.Tensor, sample_ids: list[int], *, mode: str,
                      steps: int, stop_id: Optional[int], cfg: RolloutConfig, uncond: Optional[torch.Tensor]):
     """Generate for equal-length prompts [b, p]. Returns (sampled [b, steps'], logprobs, n_sampled [b])."""
+    if cfg.fast and cfg.use_kv_cache and DecodeEngine.supports(runner.chunks):
+        return DecodeEngine(runner.chunks, runner.pg).generate(
+            prompts, sample_generators(cfg.seed, sample_ids), mode=mode, steps=steps, stop_id=stop_id,
+            sampling=cfg.sampling, cfg_scale=cfg.cfg_scale, uncond=uncond)
     mcfg = runner.chunks[0].model_cfg
     b, p = prompts.shape
     gens = sample_generators(cfg.seed, sample_ids)

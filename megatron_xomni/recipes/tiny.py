@@ -1,15 +1,15 @@
 """Tiny recipes: the whole X-Omni pipeline on a CPU in minutes (built-in data world, 64 px images)."""
 
-from megatron_xomni.training.config import DataConfig, RunConfig, ScheduleConfig
+from megatron_xomni.training.config import DataConfig, ARRunConfig, ScheduleConfig
 from megatron_xomni.models.xomni import model_preset
 from megatron_xomni.recipes import recipe
 from megatron_xomni.training.optim import OptimConfig
 
 
 @recipe
-def tiny_pt() -> RunConfig:
+def tiny_pt() -> ARRunConfig:
     """Pre-training of the tiny model on tokenized world data (generation + understanding)."""
-    return RunConfig(
+    return ARRunConfig(
         name="tiny_pt",
         model=model_preset("tiny"),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
@@ -22,7 +22,7 @@ def tiny_pt() -> RunConfig:
 
 
 @recipe
-def tiny_pt1() -> RunConfig:
+def tiny_pt1() -> ARRunConfig:
     """PT-1 analogue: only the vision blocks and image embedding/norm/head train."""
     cfg = tiny_pt()
     cfg.name, cfg.trainable, cfg.save_dir = "tiny_pt1", "vision", "runs/tiny/pt1"
@@ -31,7 +31,7 @@ def tiny_pt1() -> RunConfig:
 
 
 @recipe
-def tiny_sft() -> RunConfig:
+def tiny_sft() -> ARRunConfig:
     """SFT: packed documents, lower LR decaying to zero, initialised from tiny_pt."""
     cfg = tiny_pt()
     cfg.name, cfg.save_dir, cfg.init_from = "tiny_sft", "runs/tiny/sft", "runs/tiny/pt"

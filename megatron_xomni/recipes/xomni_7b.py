@@ -6,15 +6,15 @@ TP=4 with SP keeps activations per GPU small, CP=2 halves attention memory, PP=1
 DP = world / (TP*CP) (e.g. 32 nodes x 8 GPUs = 256 GPUs -> DP 32) with the distributed optimizer.
 """
 
-from megatron_xomni.training.config import DataConfig, RunConfig, ScheduleConfig
+from megatron_xomni.training.config import DataConfig, ARRunConfig, ScheduleConfig
 from megatron_xomni.models.xomni import model_preset
 from megatron_xomni.parallel import ParallelConfig
 from megatron_xomni.recipes import recipe
 from megatron_xomni.training.optim import OptimConfig
 
 
-def _base(name: str) -> RunConfig:
-    return RunConfig(
+def _base(name: str) -> ARRunConfig:
+    return ARRunConfig(
         name=name,
         model=model_preset("xomni_7b"),
         parallel=ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=2),
@@ -29,7 +29,7 @@ def _base(name: str) -> RunConfig:
 
 
 @recipe
-def xomni_7b_pt1() -> RunConfig:
+def xomni_7b_pt1() -> ARRunConfig:
     """PT-1: vision blocks + image embeddings/norm/head only, generation data, 10K steps, 1e-4 const."""
     cfg = _base("xomni_7b_pt1")
     cfg.trainable, cfg.steps = "vision", 10_000
@@ -37,7 +37,7 @@ def xomni_7b_pt1() -> RunConfig:
 
 
 @recipe
-def xomni_7b_pt2() -> RunConfig:
+def xomni_7b_pt2() -> ARRunConfig:
     """PT-2: everything, generation + understanding, 150K steps (629B tokens), 1e-4 const."""
     cfg = _base("xomni_7b_pt2")
     cfg.steps, cfg.init_from = 150_000, "runs/xomni_7b_pt1"
@@ -46,7 +46,7 @@ def xomni_7b_pt2() -> RunConfig:
 
 
 @recipe
-def xomni_7b_pt3() -> RunConfig:
+def xomni_7b_pt3() -> ARRunConfig:
     """PT-3: 42B filtered tokens (~10K steps), LR annealed with warmup-stable-decay."""
     cfg = xomni_7b_pt2()
     cfg.name, cfg.save_dir, cfg.init_from = "xomni_7b_pt3", "runs/xomni_7b_pt3", "runs/xomni_7b_pt2"
@@ -58,7 +58,7 @@ def xomni_7b_pt3() -> RunConfig:
 
 
 @recipe
-def xomni_7b_sft() -> RunConfig:
+def xomni_7b_sft() -> ARRunConfig:
     """SFT: 1.5B packed tokens, batch 64 x 16,384, LR 1e-5 -> 0."""
     cfg = _base("xomni_7b_sft")
     cfg.init_from, cfg.steps = "runs/xomni_7b_pt3", 1_500

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -26,15 +26,26 @@ from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
 from megatron_xomni.training import faults
+from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
+from megatron_xomni.training.preemption import EXIT_REQUEUE, PreemptionSignal
+from megatron_xomni.training.run import RunSection
 from megatron_xomni.inference.sampling import SamplingConfig
 from megatron_xomni.training.optim import OptimConfig
 
 
 @dataclass
-class GRPORunConfig:
-    """An RL run (X-Omni section 5)."""
+class GRPORunConfig(RunSection):
+    """An RL run (X-Omni section 5). The run section's fields come first (training/run.py)."""
+
+    RUNNER: ClassVar[str] = "megatron_xomni.rl.trainer:train_grpo"
 
     name: str = "grpo"
+    steps: int = 200
+    """GRPO steps."""
+    save_dir: str = "runs/grpo"
+    save_interval: int = 20
+    keep_last: Optional[int] = 2
+    log_interval: int = 1
     model: XOmniModelConfig = field(default_factory=XOmniModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0, clip_grad=1.0))
@@ -44,8 +55,6 @@ class GRPORunConfig:
     """G: samples per prompt."""
     prompts_per_step: int = 32
     """Prompts per step over all replicas (X-Omni's "batch 512" read as 32 prompts x G=16)."""
-    steps: int = 200
-    """GRPO steps."""
     image_height: int = 384
     """Pixels (multiple of 16)."""
     image_width: int = 384
@@ -63,26 +72,18 @@ class GRPORunConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     """Where prompts come from: a .jsonl/.txt prompt file, a benchmark file or the built-in world's
     training stream (data/prompts.py)."""
-    seed: int = 1234
-    save_dir: str = "runs/grpo"
-    save_interval: int = 20
-    keep_last: Optional[int] = 2
-    log_interval: int = 1
     log_images: int = 8
     """Sample images written to TensorBoard per log step (rank 0)."""
-    debug_kill: str = ""
-    """Testing aid: SIGKILL this process at POINT:STEP[@RANK] (training/faults.py), e.g. in_save:2."""
 
     def validate(self, world_size: int) -> None:
-        """Layout and types: what submit and --dry-run check (no file is read; see check_inputs)."""
+        """Layout and types: what submit and --dry-run check (no file is read; see check_paths)."""
         from megatron_xomni.dataclass_utils import check_numbers
 
-        check_numbers({"steps": self.steps, "save_interval": self.save_interval, "log_interval": self.log_interval,
-                       "group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
+        self.validate_run()
+        self.optim.validate()
+        check_numbers({"group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
                        "decoder_steps": self.decoder_steps, "image_height": self.image_height,
                        "image_width": self.image_width}, 1)
-        check_numbers({"keep_last": self.keep_last}, 1, optional=True)
-        faults.parse(self.debug_kill)
         for name, v in (("image_height", self.image_height), ("image_width", self.image_width)):
             if v % 16:
                 raise ValueError(f"{name}={v} is not a multiple of 16 (one image token = 16 px): use {v // 16 * 16 or 16}")
@@ -116,7 +117,7 @@ class GRPORunConfig:
                 raise ValueError(f"rewards.{name}={weight!r}: weights are positive numbers (drop a reward instead of weight 0)")
             check_reward(name, **self.reward_args.get(name, {}))
 
-    def check_inputs(self):
+    def check_paths(self):
         """The local inputs, checked when the job starts, before any process group or model load:
         checkpoints, tokenizers, decoder, reward model folders and the prompt source, which must give
         every configured reward the fields it reads in at least one row. Returns the prompt source."""
@@ -133,8 +134,6 @@ class GRPORunConfig:
         check_fields(source, {n: required_fields(n, **self.reward_args.get(n, {})) for n in self.rewards})
         return source
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class GRPOTrainer:
@@ -160,7 +159,9 @@ class GRPOTrainer:
         cfg.validate(world)
         # Every rank reads the prompt source (rows are addressed by global index); a bad input stops all
         # of them here, before any process group, and rank 0 prints the one line (train.py).
-        self.prompts = cfg.check_inputs()
+        self.prompts = cfg.check_paths()
+        self.ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill,
+                                      layout={"world_size": world, **dataclasses.asdict(cfg.parallel)})
         self.pg = initialize_parallel(cfg.parallel, cfg.seed)
         self.text_tok = XOmniTextTokenizer.load(cfg.text_tokenizer)
         self.text_tok.check_text_vocab(cfg.model.text_vocab_size)
@@ -182,10 +183,11 @@ class GRPOTrainer:
         self.reference_identity = str(init)
         self._maybe_resume()
         rank0 = torch.distributed.get_rank() == 0
-        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"), rank0)
+        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"),
+                                    rank0, name=cfg.name, total_steps=cfg.steps, start_step=self.step)
         if rank0:
             Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.save_dir) / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            (Path(cfg.save_dir) / "run_config.json").write_text(cfg.to_json())
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _sharded(self, is_loading=False) -> dict:
@@ -194,32 +196,24 @@ class GRPOTrainer:
         return train_state_sharded_dict(self.chunks, self.optimizer, is_loading=is_loading)
 
     def save(self) -> None:
-        from megatron_xomni.checkpointing import save_checkpoint
-
-        meta = {"model_config": self.cfg.model.to_dict(), "run_config": self.cfg.to_dict(),
-                "trainer_state": {"step": self.step, "reference": self.reference_identity}}
-        step = self.step
-        save_checkpoint(self.cfg.save_dir, step, self._sharded(), meta, keep_last=self.cfg.keep_last,
-                        per_rank={"torch_rng": torch.get_rng_state()},
-                        before_publish=lambda: faults.fire("in_save", step, self.cfg.debug_kill))
+        self.ckpt.save(self.step, MegatronPayload(self._sharded), self.cfg.to_dict(),
+                       {"step": self.step, "reference": self.reference_identity},
+                       extra_metadata={"model_config": self.cfg.model.to_dict()})
 
     def _maybe_resume(self) -> None:
-        from megatron_xomni.checkpointing import (latest_iteration, load_checkpoint, load_rank_state,
-                                                  read_metadata, resolve_checkpoint)
+        from megatron_xomni.checkpointing import read_metadata
         from megatron_xomni.training.step import load_train_state
 
-        if latest_iteration(self.cfg.save_dir) is None:
+        path = self.ckpt.latest()
+        if path is None:
             return
-        path = resolve_checkpoint(self.cfg.save_dir)
         state = read_metadata(path, "trainer_state")
         if state["reference"] != self.reference_identity:
-            raise ValueError(f"{path} was trained against reference {state['reference']}, not {self.reference_identity}")
-        loaded = load_checkpoint(path, self._sharded(is_loading=True))
+            raise ValueError(f"{path} was trained against reference {state['reference']}, not {self.reference_identity}: "
+                             "resume with that init_from, or use a new save_dir")
+        loaded, resumed = self.ckpt.load(path, MegatronPayload(self._sharded))
         load_train_state(self.chunks, self.optimizer, loaded)
-        self.step = state["step"]
-        rs = load_rank_state(path)
-        if rs is not None:
-            torch.set_rng_state(rs["torch_rng"])
+        self.step = resumed.trainer_state["step"]
         if torch.distributed.get_rank() == 0:
             print(f"[grpo] resumed from {path} at step {self.step}", flush=True)
 
@@ -233,7 +227,7 @@ class GRPOTrainer:
         return ids, self.prompts.rows(ids)
 
     def rollout(self, step: int):
-        from megatron_xomni.rl import RolloutConfig, generate_images
+        from megatron_xomni.inference.generation import RolloutConfig, generate_images
         from megatron_xomni.data.sequence import SequenceFormat, image_block_ids
 
         cfg = self.cfg
@@ -299,19 +293,18 @@ class GRPOTrainer:
         return out
 
     def run(self) -> int:
-        from megatron_xomni.training.trainer import EXIT_REQUEUE, PreemptionSignal
-
         cfg = self.cfg
         preempt = PreemptionSignal()
         while self.step < cfg.steps:
             out = self.run_step()
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                line = (f"[grpo] step {self.step}/{cfg.steps} | reward {out['reward/mean']:.3f} "
-                        f"(min {out['reward/min']:.2f}, max {out['reward/max']:.2f}) | kl {out['grpo/kl']:.4f} | "
-                        f"clip {out['grpo/clip_fraction']:.3f} | entropy {out['grpo/entropy']:.3f} | "
-                        f"rollout {out['time/rollout']:.1f}s decode {out['time/decode']:.1f}s reward {out['time/reward']:.1f}s "
-                        f"update {out['time/update']:.1f}s | {out['perf/rollout_tokens_per_s']:.0f} rollout tok/s")
-                self.logger.log(self.step, out, line)
+                self.logger.log_step(self.step, out, [
+                    f"reward {out['reward/mean']:.3f} (min {out['reward/min']:.2f}, max {out['reward/max']:.2f})",
+                    f"kl {out['grpo/kl']:.4f}", f"clip {out['grpo/clip_fraction']:.3f}",
+                    f"entropy {out['grpo/entropy']:.3f}",
+                    f"rollout {out['time/rollout']:.1f}s decode {out['time/decode']:.1f}s "
+                    f"reward {out['time/reward']:.1f}s update {out['time/update']:.1f}s",
+                    f"{out['perf/rollout_tokens_per_s']:.0f} rollout tok/s"])
                 if self.logger.writer is not None and self._images:
                     import numpy as np
 

@@ -1,4 +1,6 @@
-"""Throughput accounting and logging (console line, TensorBoard scalars, metrics.jsonl)."""
+"""One metrics logger for every trainer (console line with progress and ETA, TensorBoard scalars,
+metrics.jsonl) and throughput accounting (tokens/s, TFLOP/s and MFU from model FLOPs,
+models/xomni/flops.py)."""
 
 from __future__ import annotations
 
@@ -12,22 +14,6 @@ from typing import Optional
 import psutil
 import torch
 
-from megatron_xomni.models.xomni.config import XOmniModelConfig
-
-
-def flops_per_token(m: XOmniModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward).
-
-    Forward per token: 2 x every matmul weight (QKV, out-proj, SwiGLU, one output head) plus
-    causal attention scores and values, 2 x 2 x s/2 x hidden per layer. Vision blocks are counted
-    like LM layers because every position is computed in them.
-    """
-    h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers_total
-    kv = m.num_query_groups * m.kv_channels
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
-    head = h * m.text_vocab_size  # one head per position in practice (image or text)
-    attention = 2 * layers * seq_length * h  # QK^T and AV, causal half of 2*s*h each
-    return 3 * (2 * (layers * per_layer + head) + attention)
 
 
 def memory_gib() -> float:
@@ -37,10 +23,15 @@ def memory_gib() -> float:
 
 
 class MetricsLogger:
-    """Writes on one rank only (the caller decides which)."""
+    """Writes on one rank only (the caller decides which). Every trainer logs through `log_step`, so
+    every console line reads `[name] step N/T | ... | ETA hh:mm:ss` and every metrics.jsonl record
+    holds `iteration` plus the scalars (names with '/' become '_')."""
 
-    def __init__(self, tensorboard_dir: Optional[str], jsonl_path: Optional[str], enabled: bool):
+    def __init__(self, tensorboard_dir: Optional[str], jsonl_path: Optional[str], enabled: bool,
+                 name: str = "run", total_steps: int = 0, start_step: int = 0):
         self.enabled = enabled
+        self.name, self.total_steps, self.start_step = name, total_steps, start_step
+        self.t_start = time.perf_counter()
         self.writer = None
         self.jsonl = None
         if not enabled:
@@ -52,6 +43,18 @@ class MetricsLogger:
         if jsonl_path:
             Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
+
+    def eta(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0 or not self.total_steps:
+            return "--:--:--"
+        seconds = (time.perf_counter() - self.t_start) / done * max(self.total_steps - step, 0)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    def log_step(self, step: int, scalars: dict, parts: list[str]) -> None:
+        """The standard progress line for `step` plus its scalars."""
+        line = " | ".join([f"[{self.name}] step {step:>6}/{self.total_steps}", *parts, f"ETA {self.eta(step)}"])
+        self.log(step, scalars, line)
 
     def log(self, iteration: int, scalars: dict, line: Optional[str] = None) -> None:
         if not self.enabled:
@@ -76,10 +79,10 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s and MFU over a logging window."""
+    """Tokens/s, TFLOP/s and MFU over a logging window. The caller adds each step's processed
+    positions and model FLOPs (models/xomni/flops.py: the 6N + attention convention)."""
 
-    def __init__(self, model_cfg: XOmniModelConfig, seq_length: int, world_size: int, peak_tflops: float):
-        self.fpt = flops_per_token(model_cfg, seq_length)
+    def __init__(self, world_size: int, peak_tflops: float):
         self.world = world_size
         self.peak = peak_tflops
         self.reset()
@@ -87,18 +90,20 @@ class Throughput:
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.tokens = 0
+        self.flops = 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops: float) -> None:
         self.tokens += tokens
+        self.flops += flops
 
     def window(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
-        tflops = tps * self.fpt / 1e12 / self.world
+        tflops = self.flops / dt / 1e12 / self.world
         return {
             "throughput/tokens_per_s": tps,
             "throughput/tokens_per_s_per_gpu": tps / self.world,
             "throughput/tflops_per_gpu": tflops,
             "throughput/mfu": tflops / self.peak,
-            "_seconds": dt,
+            "throughput/window_seconds": dt,
         }

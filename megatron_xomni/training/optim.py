@@ -26,6 +26,17 @@ class OptimConfig:
     overlap_grad_reduce: bool = False
     """Overlap DP gradient reduction with backward (GPU)."""
 
+    def validate(self) -> None:
+        from megatron_xomni.dataclass_utils import check_numbers
+
+        check_numbers({"optim.lr": self.lr, "optim.min_lr": self.min_lr, "optim.weight_decay": self.weight_decay,
+                       "optim.clip_grad": self.clip_grad, "optim.adam_eps": self.adam_eps}, 0, integer=False)
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}: lower min_lr")
+        for name, beta in (("optim.adam_beta1", self.adam_beta1), ("optim.adam_beta2", self.adam_beta2)):
+            if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}={beta!r} must be in [0, 1)")
+
 
 def wrap_and_build_optimizer(chunks: list, optim: OptimConfig, pg_collection, params_dtype=None):
     """Wrap each chunk in megatron-core DDP and build the Megatron optimizer over them."""

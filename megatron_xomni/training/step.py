@@ -40,7 +40,8 @@ def forward_backward(
     forward_only: bool = False,
 ) -> dict:
     """Run all micro-batches. Returns token-weighted mean losses, identical on every rank:
-    {"loss", "text_loss", "image_loss", "tokens"} (a modality without targets has loss nan)."""
+    {"loss", "text_loss", "image_loss", "tokens"} (a modality without targets has loss nan), plus the
+    per-modality target counts and loss sums ("text_tokens", "image_tokens", "*_loss_sum")."""
     seq_length = microbatches[0]["tokens"].shape[1]
     mbs = microbatches[0]["tokens"].shape[0]
     fb = get_forward_backward_func(
@@ -68,7 +69,8 @@ def forward_backward(
         "loss": (t_sum + i_sum) / max(t_n + i_n, 1.0),
         "text_loss": t_sum / t_n if t_n else nan,
         "image_loss": i_sum / i_n if i_n else nan,
-        "tokens": t_n + i_n,
+        "tokens": t_n + i_n, "text_tokens": t_n, "image_tokens": i_n,
+        "text_loss_sum": t_sum, "image_loss_sum": i_sum,
     }
 
 

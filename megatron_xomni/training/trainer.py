@@ -1,9 +1,10 @@
-"""The pre-training / SFT loop on megatron-core.
+"""The pre-training / SFT trainer of the X-Omni AR model on megatron-core.
 
-One call, `train(cfg)`, runs a whole recipe: layout validation before any process group, model
-(+ per-stage freezing), DDP + Megatron optimizer, LR schedule, data, resume, the loop with
-NaN/Inf skipping, logging, atomic checkpoints and preemption (SIGTERM/SIGUSR1 -> save ->
-exit code EXIT_REQUEUE, which the sbatch template turns into a requeue).
+One call, `train(cfg)`, runs a whole recipe: layout validation and the resume rule before any
+process group, model (+ per-stage freezing), DDP + Megatron optimizer, LR schedule, data, resume,
+the loop with NaN/Inf skipping, validation (text and image loss), logging, checkpoints and
+preemption. Checkpoints, metrics, preemption and the schedule are the shared substrate of every
+trainer (training/checkpoint.py, metrics.py, preemption.py, schedule.py).
 """
 
 from __future__ import annotations
@@ -11,27 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from megatron_xomni.training import faults
-from megatron_xomni.training.config import RunConfig
-
-EXIT_OK, EXIT_ERROR, EXIT_REQUEUE = 0, 1, 3
-
-
-class TrainingError(RuntimeError):
-    """A failure that stops the run with one clear line (exit code 1)."""
-
-
-class InputError(TrainingError):
-    """Bad input found when the run starts (a path, a checkpoint that does not fit): exit code 2."""
-
+from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
+from megatron_xomni.training.config import ARRunConfig
+from megatron_xomni.training.preemption import PreemptionSignal
+from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, TrainingError
 
 @dataclass
 class TrainerState:
@@ -41,25 +32,10 @@ class TrainerState:
     consecutive_nonfinite: int = 0
 
 
-class PreemptionSignal:
-    """Remembers SIGTERM/SIGUSR1; ranks agree on it after each step (a collective)."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = signum
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def _rank0() -> bool:
-    return torch.distributed.get_rank() == 0
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def log0(msg: str) -> None:
@@ -145,51 +121,39 @@ def _grads_finite(wrapped: list) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    """AR pre-training / SFT on megatron-core over the shared substrate (see the module docstring)."""
+
+    def __init__(self, cfg: ARRunConfig):
         self.cfg = cfg
         self.state = TrainerState()
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         from megatron_xomni.data.token_dataset import DatasetSpec, build_sample_streams
         from megatron_xomni.models.xomni.builder import build_model_chunks
         from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
         from megatron_xomni.parallel import initialize_parallel
         from megatron_xomni.training.metrics import MetricsLogger, Throughput
         from megatron_xomni.training.optim import wrap_and_build_optimizer
+        from megatron_xomni.training.schedule import build_scheduler
 
         cfg = self.cfg
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
         # Everything that can be checked without process groups is checked first.
-        cfg.validate(world, have_te_attention=transformer_engine_usable())
+        cfg.validate(self.world, have_te_attention=transformer_engine_usable())
         dtype, precision_overrides = resolve_dtype(cfg.precision)
-        if cfg.init_from and not Path(cfg.init_from).exists():
-            raise InputError(f"init_from={cfg.init_from} does not exist: convert a checkpoint first")
-        if not cfg.data.blend:
-            raise InputError("data.blend is empty: point it at tokenized data (xomni tokenize / tools/tokenize_corpus.py)")
+        cfg.check_paths()
+        self.ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill,
+                                      layout={"world_size": self.world, **dataclasses.asdict(cfg.parallel)})
         self.resume_path, self.resume_changes = self._check_resume()
 
         self.pg = initialize_parallel(cfg.parallel, cfg.seed)
-        self.world = world
-        self.nmb = cfg.num_microbatches(world)
+        self.nmb = cfg.num_microbatches(self.world)
         self.chunks = build_model_chunks(cfg.model, cfg.parallel, self.pg, dtype, **precision_overrides)
         self.num_trainable = apply_trainable(self.chunks, cfg.trainable)
         self.wrapped, self.optimizer = wrap_and_build_optimizer(self.chunks, cfg.optim, self.pg)
-        s = cfg.schedule
-        decay = s.decay_steps or cfg.steps
-        # The recipe's values always win over a resumed checkpoint's (training/resume.py): only the
-        # step count comes from the checkpoint.
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if s.warmup_steps else cfg.optim.lr, max_lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr, lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay,
-            lr_decay_style=s.style, start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
-            wd_incr_steps=decay, wd_incr_style="constant",
-            wsd_decay_steps=s.wsd_decay_steps if s.style == "WSD" else None,
-            lr_wsd_decay_style=s.wsd_decay_style if s.style == "WSD" else None,
-            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
-        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, cfg.optim.min_lr,
+                                         cfg.optim.weight_decay, cfg.steps)
         self._maybe_load()
 
         spec = DatasetSpec(blend=cfg.data.blend, seq_length=cfg.data.seq_length, eod_id=cfg.data.eod_id,
@@ -204,10 +168,11 @@ class Trainer:
         self.valid_data = BatchSource(valid_ds, cfg.data.micro_batch_size, self.nmb, self.pg.dp.rank(), dp) if valid_ds else None
 
         tb = cfg.tensorboard_dir or str(Path(cfg.save_dir) / "tensorboard")
-        self.logger = MetricsLogger(tb, str(Path(cfg.save_dir) / "metrics.jsonl"), enabled=_rank0())
-        self.throughput = Throughput(cfg.model, cfg.data.seq_length, world, cfg.peak_tflops)
+        self.logger = MetricsLogger(tb, str(Path(cfg.save_dir) / "metrics.jsonl"), enabled=_rank0(),
+                                    name=cfg.name, total_steps=cfg.steps, start_step=self.state.iteration)
+        self.throughput = Throughput(self.world, cfg.peak_tflops)
         self.preempt = PreemptionSignal()
-        log0(f"[xomni] {cfg.name}: {cfg.parallel.describe(world)}, {self.nmb} micro-batches/step, "
+        log0(f"[xomni] {cfg.name}: {cfg.parallel.describe(self.world)}, {self.nmb} micro-batches/step, "
              f"{self.num_trainable / 1e6:.2f}M trainable params on rank 0, dtype {dtype}")
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -217,40 +182,23 @@ class Trainer:
         return train_state_sharded_dict(self.chunks, self.optimizer, is_loading=is_loading)
 
     def save(self) -> Path:
-        from megatron.core import tensor_parallel
-
-        from megatron_xomni.checkpointing import save_checkpoint
-
         t0 = time.perf_counter()
         st = self.state
-        meta = {
-            "run_config": self.cfg.to_dict(),
-            "model_config": self.cfg.model.to_dict(),
-            "trainer_state": {**st.__dict__, "scheduler": self.scheduler.state_dict(), "layout": self._layout()},
-        }
-        rank_state = {
-            "torch_rng": torch.get_rng_state(),
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        }
-        path = save_checkpoint(self.cfg.save_dir, st.iteration, self._sharded_state(), meta,
-                               keep_last=self.cfg.keep_last, per_rank=rank_state,
-                               before_publish=lambda: faults.fire("in_save", st.iteration, self.cfg.debug_kill))
+        path = self.ckpt.save(st.iteration, MegatronPayload(self._sharded_state), self.cfg.to_dict(),
+                              {**dataclasses.asdict(st), "scheduler": self.scheduler.state_dict()},
+                              extra_metadata={"model_config": self.cfg.model.to_dict()})
         log0(f"[xomni] saved checkpoint {path} in {time.perf_counter() - t0:.2f}s")
         return path
 
-    def _layout(self) -> dict:
-        return {"world_size": self.world, **dataclasses.asdict(self.cfg.parallel)}
-
     def _check_resume(self):
         """(checkpoint to resume, applied setting changes); refuses a changed data plan. No process groups."""
-        from megatron_xomni.checkpointing import latest_iteration, read_metadata, resolve_checkpoint
+        from megatron_xomni.checkpointing import read_metadata
         from megatron_xomni.training.resume import check_resume, describe
 
         cfg = self.cfg
-        if latest_iteration(cfg.save_dir) is None:
+        path = self.ckpt.latest()
+        if path is None:
             return None, []
-        path = resolve_checkpoint(cfg.save_dir)
         if read_metadata(path, "model_config") != cfg.model.to_dict():
             raise InputError(f"checkpoint {path} was saved with another model config: use a new save_dir")
         plan, applied = check_resume(read_metadata(path, "run_config"), cfg.to_dict(),
@@ -260,30 +208,20 @@ class Trainer:
         return path, applied
 
     def _maybe_load(self) -> None:
-        from megatron.core import tensor_parallel
-
-        from megatron_xomni.checkpointing import load_checkpoint, load_rank_state, read_metadata, resolve_checkpoint
+        from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
         from megatron_xomni.training.resume import describe
         from megatron_xomni.training.step import load_model_state, load_train_state, model_sharded_state_dict
 
         cfg = self.cfg
         if self.resume_path is not None:
-            path = self.resume_path
             t0 = time.perf_counter()
-            loaded = load_checkpoint(path, self._sharded_state(is_loading=True))
+            loaded, resumed = self.ckpt.load(self.resume_path, MegatronPayload(self._sharded_state))
             load_train_state(self.chunks, self.optimizer, loaded)
             apply_optim_settings(self.optimizer, cfg.optim)
-            ts = read_metadata(path, "trainer_state")
+            ts = dict(resumed.trainer_state)
             self.scheduler.load_state_dict(ts.pop("scheduler"))
-            layout = ts.pop("layout", None)
             self.state = TrainerState(**ts)
-            rs = load_rank_state(path)
-            if rs is not None and layout == self._layout():  # same layout: exact RNG continuation
-                torch.set_rng_state(rs["torch_rng"])
-                tensor_parallel.get_cuda_rng_tracker().set_states(rs["tracker"])
-                if rs.get("cuda_rng") is not None and torch.cuda.is_available():
-                    torch.cuda.set_rng_state(rs["cuda_rng"])
-            log0(f"[xomni] resumed from {path} at iteration {self.state.iteration} "
+            log0(f"[xomni] resumed from {resumed.path} at iteration {self.state.iteration} "
                  f"({time.perf_counter() - t0:.2f}s)")
             if self.resume_changes:
                 log0(f"[xomni] resume: applying changed settings: {describe(self.resume_changes)}")
@@ -330,19 +268,18 @@ class Trainer:
         return out
 
     def run(self) -> int:
+        from megatron_xomni.models.xomni.flops import model_flops_per_token
+
         cfg, st = self.cfg, self.state
-        gbs = cfg.data.global_batch_size
-        t_start, it_start = time.perf_counter(), st.iteration
-        acc = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "n": 0}
+        gbs, seq = cfg.data.global_batch_size, cfg.data.seq_length
+        window = _LossWindow()
         while st.iteration < cfg.steps:
             out = self._step(self.train_data.batch(st.consumed_samples))
             st.iteration += 1
             st.consumed_samples += gbs
-            self.throughput.add(int(out["tokens"]))
-            for k in ("loss", "text_loss", "image_loss"):
-                if math.isfinite(out[k]):
-                    acc[k] += out[k]
-            acc["n"] += 1
+            image_share = out["image_tokens"] / max(out["tokens"], 1.0)
+            self.throughput.add(gbs * seq, gbs * seq * model_flops_per_token(cfg.model, seq, image_share))
+            window.add(out)
             if st.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
                 self.save()
                 raise TrainingError(
@@ -350,8 +287,8 @@ class Trainer:
                     f"(iteration {st.iteration}); checkpoint saved: lower optim.lr or check the data"
                 )
             if st.iteration % cfg.log_interval == 0 or st.iteration == cfg.steps:
-                self._log(out, acc, t_start, it_start)
-                acc = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "n": 0}
+                self._log(out, window)
+                window = _LossWindow()
             if cfg.eval_interval and st.iteration % cfg.eval_interval == 0 and self.valid_data:
                 self._evaluate()
             faults.fire("after_step", st.iteration, cfg.debug_kill)
@@ -363,54 +300,86 @@ class Trainer:
                 return EXIT_REQUEUE
         return EXIT_OK
 
-    def _log(self, out: dict, acc: dict, t_start: float, it_start: int) -> None:
+    def _log(self, out: dict, window: "_LossWindow") -> None:
         from megatron_xomni.training.metrics import memory_gib
 
-        cfg, st = self.cfg, self.state
-        n = max(acc["n"], 1)
+        st = self.state
         tp = self.throughput.window()
         self.throughput.reset()
-        done = st.iteration - it_start
-        eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.steps - st.iteration)
         lr = self.optimizer.param_groups[0]["lr"]
+        losses = window.means()
         scalars = {
-            "train/loss": acc["loss"] / n, "train/text_loss": acc["text_loss"] / n,
-            "train/image_loss": acc["image_loss"] / n, "train/lr": lr,
+            "train/loss": losses["loss"], "train/text_loss": losses["text_loss"],
+            "train/image_loss": losses["image_loss"], "train/lr": lr,
             "train/grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else float("nan"),
             "train/consumed_samples": st.consumed_samples, "train/skipped_steps": st.skipped_steps,
-            "system/memory_gib": memory_gib(),
-            **{k: v for k, v in tp.items() if not k.startswith("_")},
+            "train/window_skipped": window.skipped, "system/memory_gib": memory_gib(), **tp,
         }
-        line = (f"iter {st.iteration:>6}/{cfg.steps} | loss {scalars['train/loss']:.4f} "
-                f"(text {scalars['train/text_loss']:.3f}, image {scalars['train/image_loss']:.3f}) | "
-                f"lr {lr:.2e} | gnorm {scalars['train/grad_norm']:.3f} | "
-                f"{tp['throughput/tokens_per_s']:,.0f} tok/s ({tp['throughput/tokens_per_s_per_gpu']:,.0f}/gpu) | "
-                f"{tp['throughput/tflops_per_gpu']:.3f} TFLOP/s/gpu, MFU {100 * tp['throughput/mfu']:.2f}% | "
-                f"mem {scalars['system/memory_gib']:.2f} GiB | skipped {st.skipped_steps} | "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        self.logger.log(st.iteration, scalars, line)
+        parts = [f"loss {losses['loss']:.4f} (text {losses['text_loss']:.3f}, image {losses['image_loss']:.3f})",
+                 f"lr {lr:.2e}", f"gnorm {scalars['train/grad_norm']:.3f}",
+                 f"{tp['throughput/tokens_per_s']:,.0f} tok/s ({tp['throughput/tokens_per_s_per_gpu']:,.0f}/gpu)",
+                 f"{tp['throughput/tflops_per_gpu']:.3f} TFLOP/s/gpu, MFU {100 * tp['throughput/mfu']:.2f}%",
+                 f"mem {scalars['system/memory_gib']:.2f} GiB",
+                 f"skipped {window.skipped}/{window.steps} (total {st.skipped_steps})"]
+        self.logger.log_step(st.iteration, scalars, parts)
 
     def _evaluate(self) -> None:
+        """Validation loss over eval_iters global batches, split into text and image loss."""
         from megatron_xomni.training.step import forward_backward
 
+        cfg = self.cfg
         for w in self.wrapped:
             w.eval()
-        losses = []
+        sums = {"t": 0.0, "tn": 0.0, "i": 0.0, "in": 0.0}
         with torch.no_grad():
-            for k in range(self.cfg.eval_iters):
-                start = (self.state.iteration // self.cfg.eval_interval * self.cfg.eval_iters + k) * self.cfg.data.global_batch_size
-                out = forward_backward(self.wrapped, self.valid_data.batch(start), self.cfg.model.text_vocab_size,
+            for k in range(cfg.eval_iters):
+                start = (self.state.iteration // cfg.eval_interval * cfg.eval_iters + k) * cfg.data.global_batch_size
+                out = forward_backward(self.wrapped, self.valid_data.batch(start), cfg.model.text_vocab_size,
                                        self.pg, forward_only=True)
-                losses.append(out["loss"])
-        val = sum(losses) / len(losses)
-        self.logger.log(self.state.iteration, {"valid/loss": val}, f"[xomni] validation loss {val:.4f}")
+                sums["t"] += out["text_loss_sum"]
+                sums["tn"] += out["text_tokens"]
+                sums["i"] += out["image_loss_sum"]
+                sums["in"] += out["image_tokens"]
+        nan = float("nan")
+        scalars = {"valid/loss": (sums["t"] + sums["i"]) / max(sums["tn"] + sums["in"], 1.0),
+                   "valid/text_loss": sums["t"] / sums["tn"] if sums["tn"] else nan,
+                   "valid/image_loss": sums["i"] / sums["in"] if sums["in"] else nan,
+                   "valid/tokens": sums["tn"] + sums["in"]}
+        self.logger.log(self.state.iteration, scalars,
+                        f"[{cfg.name}] validation loss {scalars['valid/loss']:.4f} "
+                        f"(text {scalars['valid/text_loss']:.4f}, image {scalars['valid/image_loss']:.4f})")
 
     def close(self) -> None:
         if hasattr(self, "logger"):
             self.logger.close()
 
 
-def train(cfg: RunConfig) -> int:
+class _LossWindow:
+    """Token-weighted mean losses over the finite steps of a logging window (NaN when every step was
+    skipped), and how many steps were skipped."""
+
+    def __init__(self):
+        self.steps = self.skipped = 0
+        self.sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        self.tokens = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+
+    def add(self, out: dict) -> None:
+        self.steps += 1
+        if not out["finite"]:
+            self.skipped += 1
+            return
+        for key, n in (("text_loss", out["text_tokens"]), ("image_loss", out["image_tokens"])):
+            if n:
+                self.sums[key] += out[key] * n
+                self.tokens[key] += n
+        self.sums["loss"] += out["loss"] * out["tokens"]
+        self.tokens["loss"] += out["tokens"]
+
+    def means(self) -> dict:
+        return {k: self.sums[k] / self.tokens[k] if self.tokens[k] else float("nan") for k in self.sums}
+
+
+def train(cfg: ARRunConfig) -> int:
     """Run a recipe; returns the process exit code (0 done, 3 requeue, 1 error)."""
     from megatron_xomni.parallel import destroy_parallel
 

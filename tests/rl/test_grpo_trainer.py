@@ -139,21 +139,21 @@ def test_7b_recipe_renders_without_its_inputs_and_checks_them_at_start(tmp_path)
     assert cfg.prompts.source.endswith(".jsonl") and set(cfg.rewards) == {"hpsv2", "vlm_judge", "ocr_text"}
     cfg.validate(32)  # layout and types only: nothing of it exists here
     with pytest.raises(ValueError, match="init_from=runs/xomni_7b_sft does not exist"):
-        cfg.check_inputs()
+        cfg.check_paths()
     for name in ("init_from", "text_tokenizer", "image_tokenizer", "decoder"):
         (tmp_path / name).mkdir()
         setattr(cfg, name, str(tmp_path / name))
     with pytest.raises(ValueError, match=r"reward 'hpsv2': ckpt/hpsv2 is not a local Hugging Face checkpoint"):
-        cfg.check_inputs()
+        cfg.check_paths()
     for name in ("hpsv2", "vlm_judge"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
         cfg.reward_args[name]["model_dir"] = str(tmp_path / name)
     with pytest.raises(ValueError, match="data/xomni/rl_prompts.jsonl does not exist"):
-        cfg.check_inputs()
+        cfg.check_paths()
     cfg.prompts.source = str(tmp_path / "p.jsonl")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a sign that says OPEN", "text": "OPEN"}\n{"prompt": "a lake"}\n')
-    assert cfg.check_inputs()[0]["prompt"] in ("a sign that says OPEN", "a lake")
+    assert cfg.check_paths()[0]["prompt"] in ("a sign that says OPEN", "a lake")
     cfg.reward_args["vlm_judge"]["bogus"] = 1
     with pytest.raises(ValueError, match="bad arguments for reward 'vlm_judge'"):
         cfg.validate(32)

@@ -27,7 +27,7 @@ DIM = 8
 
 @dataclass
 class FakeRunConfig:
-    """The parts of RunConfig that tools/submit.py and the SLURM tests use."""
+    """The parts of ARRunConfig that tools/submit.py and the SLURM tests use."""
 
     name: str = "fake"
     """Run name (SLURM job name)."""

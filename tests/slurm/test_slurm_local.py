@@ -366,7 +366,7 @@ def test_time_limit_must_leave_room_for_the_warning(root, tmp_path):
     assert "#SBATCH --time=1-00" in ok.stdout and "--shutdown-timeout=580" in ok.stdout
 
 
-@pytest.mark.skipif(not BACKEND.real, reason="needs the real RunConfig (Transformer Engine check)")
+@pytest.mark.skipif(not BACKEND.real, reason="needs the real ARRunConfig (Transformer Engine check)")
 def test_gpu_jobs_are_validated_for_the_compute_nodes(root, tmp_path):
     # Context parallelism needs Transformer Engine: fine on GPU nodes, impossible on CPU ranks,
     # whatever the submitting machine has.

@@ -34,7 +34,7 @@ import torch
 from megatron_xomni.recipes import available_recipes, load_recipe
 from tests.multirank import run_ranks
 
-STEPS = {"RunConfig": 6, "GRPORunConfig": 4}
+STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4}
 VPP = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2",
        "parallel.virtual_pipeline_parallel=2"]
 
@@ -48,7 +48,7 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     from megatron_xomni.dataclass_utils import apply_overrides
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.rl.trainer import GRPORunConfig
-    from megatron_xomni.training.config import RunConfig
+    from megatron_xomni.training.config import ARRunConfig
 
     cfg = load_recipe(name)
     cfg.model = model_preset("tiny")
@@ -60,7 +60,7 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     world = 4 if p.tensor_parallel * p.pipeline_parallel > 1 else 2
     cfg.save_dir, cfg.debug_kill, cfg.steps = str(save_dir), kill, STEPS[type(cfg).__name__]
     cfg.save_interval, cfg.log_interval, cfg.keep_last = 2, 1, 2
-    if isinstance(cfg, RunConfig):
+    if isinstance(cfg, ARRunConfig):
         s = cfg.schedule
         s.warmup_steps = min(s.warmup_steps, 1)
         s.decay_steps = None

@@ -23,6 +23,10 @@ class XOmniModelConfig:
     """Key/value heads (GQA groups)."""
     text_vocab_size: int = 152064
     """Rows of the text embedding / outputs of the text head (Qwen's padded vocabulary)."""
+    text_vocab_padding: int = 0
+    """Trailing text rows that are no token: the converter pads an HF text table to a multiple of 128 so one
+    checkpoint loads at every TP in {1, 2, 4, 8}. The text head masks them to -inf (never sampled, never in
+    the loss); export strips them."""
     image_vocab_size: int = 16384
     """Image codes the model can emit (the tokenizer codebook size)."""
     image_table_size: int = 16448
@@ -77,6 +81,11 @@ class XOmniModelConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_query_groups={self.num_query_groups}"
+            )
+        if not 0 <= self.text_vocab_padding < self.text_vocab_size:
+            raise ValueError(
+                f"text_vocab_padding={self.text_vocab_padding} must be in [0, text_vocab_size="
+                f"{self.text_vocab_size})"
             )
         if self.image_table_size < self.image_vocab_size:
             raise ValueError(

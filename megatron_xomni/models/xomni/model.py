@@ -7,6 +7,8 @@ the per-position final norm come from the layer spec (`layer_spec.py`).
 
 Loss: each target is scored by the head of its own modality, exactly as decoding works
 (text mode: text head over the text vocabulary; image mode: image head over the codes).
+Padding rows of the text table (`text_vocab_padding`, added on conversion) and the image table's
+spare slots are -inf in the logits, so neither is ever sampled nor part of a softmax.
 """
 
 from __future__ import annotations
@@ -100,13 +102,23 @@ class XOmniModel(GPTModel):
         )
         return torch.where(self.image_positions.mask, image, text)
 
-    def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel image-head logits with the spare slots (>= image_vocab_size) at -inf."""
-        logits, _ = self.image_output_layer(hidden)
+    def _mask_from(self, logits: torch.Tensor, first: int) -> torch.Tensor:
+        """Vocab-parallel logits with every global column >= `first` at -inf."""
         part = logits.shape[-1]
         start = self.pg_collection.tp.rank() * part
         cols = torch.arange(start, start + part, device=logits.device)
-        return logits.masked_fill(cols >= self.model_cfg.image_vocab_size, float("-inf"))
+        return logits.masked_fill(cols >= first, float("-inf"))
+
+    def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel text-head logits with the padding rows (`text_vocab_padding`) at -inf."""
+        logits, _ = self.output_layer(hidden)
+        pad = self.model_cfg.text_vocab_padding
+        return self._mask_from(logits, self.model_cfg.text_vocab_size - pad) if pad else logits
+
+    def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel image-head logits with the spare slots (>= image_vocab_size) at -inf."""
+        logits, _ = self.image_output_layer(hidden)
+        return self._mask_from(logits, self.model_cfg.image_vocab_size)
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
@@ -153,7 +165,7 @@ class XOmniModel(GPTModel):
             if inference_context.materialize_only_last_token_logits:
                 hidden = hidden[-1:]
             runtime_gather_output = True
-        text_logits, _ = self.output_layer(hidden)
+        text_logits = self._text_logits(hidden)
         image_logits = self._image_logits(hidden)
         if labels is None:
             if runtime_gather_output:

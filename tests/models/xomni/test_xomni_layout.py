@@ -1,85 +1,22 @@
 """The Megatron model computes what the released XOmniForCausalLM layout computes.
 
-The reference below is written in the test from transformers' own Qwen2 modules, following
-X-Omni's released inference code: image positions are the ids >= text vocab; vision blocks
-compute every position and keep the result at image positions only; the final norm is
-mm_norm at image positions and lm_norm elsewhere; text mode = lm_head, image mode = the
-first image_vocab_size outputs of mm_head.
+The reference (tests/models/xomni/released_reference.py) is written from transformers' own Qwen2
+modules, following X-Omni's released inference code.
 """
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from tests.models.xomni.released_reference import write_released
 from tests.multirank import run_ranks
 
 TEXT_V, IMG_V, IMG_T, ADAP, LM, HEAD, SEQ = 384, 128, 192, 1, 2, 1, 12
 
 
-class RefXOmni(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        from transformers import Qwen2Config
-        from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RMSNorm,
-                                                              Qwen2RotaryEmbedding)
-
-        cfg = Qwen2Config(vocab_size=TEXT_V, hidden_size=64, intermediate_size=96,
-                          num_hidden_layers=ADAP + LM + HEAD, num_attention_heads=4,
-                          num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                          max_position_embeddings=128)
-        cfg._attn_implementation = "eager"
-        self.cfg = cfg
-        self.lm_embed_tokens = torch.nn.Embedding(TEXT_V, 64)
-        self.mm_embed_tokens = torch.nn.Embedding(IMG_T, 64)
-        self.layers = torch.nn.ModuleList(Qwen2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.lm_norm, self.mm_norm = Qwen2RMSNorm(64, 1e-6), Qwen2RMSNorm(64, 1e-6)
-        self.rotary = Qwen2RotaryEmbedding(cfg)
-        self.lm_head = torch.nn.Linear(64, TEXT_V, bias=False)
-        self.mm_head = torch.nn.Linear(64, IMG_T, bias=False)
-
-    def forward(self, ids, mode):
-        mask = (ids >= TEXT_V)[..., None]
-        h = torch.where(mask, self.mm_embed_tokens((ids - TEXT_V).clamp(min=0)),
-                        self.lm_embed_tokens(ids.clamp(max=TEXT_V - 1)))
-        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
-        cos_sin = self.rotary(h, pos)
-        causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
-        for i, layer in enumerate(self.layers):
-            out = layer(h, attention_mask=causal, position_embeddings=cos_sin, position_ids=pos)
-            out = out[0] if isinstance(out, tuple) else out
-            is_lm = ADAP <= i < ADAP + LM
-            h = out if is_lm else torch.where(mask, out, h)
-        h = torch.where(mask, self.mm_norm(h), self.lm_norm(h))
-        full = h.new_full((*h.shape[:-1], TEXT_V + IMG_T), torch.finfo(h.dtype).min)
-        if mode == "text":
-            full[..., :TEXT_V] = self.lm_head(h)
-        else:
-            full[..., TEXT_V:TEXT_V + IMG_V] = self.mm_head(h)[..., :IMG_V]
-        return full
-
-
 def _write_xomni(path):
-    torch.manual_seed(0)
-    ref = RefXOmni().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.1)
-    state = {}
-    for k, v in ref.state_dict().items():
-        if "rotary" in k:
-            continue
-        name = k if k.endswith("_head.weight") and "." not in k[:-7] else f"model.{k}"
-        state[name] = v.contiguous()
-    path.mkdir()
-    save_file(state, str(path / "model.safetensors"))
-    cfg = ref.cfg.to_dict()
-    cfg.update(architectures=["XOmniForCausalLM"], model_type="x-omni", num_mm_adap_layers=ADAP,
-               num_mm_head_layers=HEAD, mm_vocab_size=IMG_T, image_vocab_size=IMG_V,
-               mm_special_tokens=["<SOM>", "<EOM>", "<IMAGE>"])
-    (path / "config.json").write_text(json.dumps(cfg))
-    return ref
+    return write_released(path, vocab=TEXT_V, mm_vocab=IMG_T, image_vocab=IMG_V, adap=ADAP, lm=LM, head=HEAD)
 
 
 def _ids():
