@@ -44,7 +44,8 @@ def main():
     args = p.parse_args()
     from megatron_xomni.models.flux_decoder import XOmniDecoder
     from megatron_xomni.models.flux_decoder.sampling import sample_from_codes
-    from megatron_xomni.training.flux_decoder import pil_to_pixels, world_images
+    from megatron_xomni.data.corpus_source import pil_to_pixels
+    from megatron_xomni.data.world_source import world_images
     from megatron_xomni.inference.tokenize_corpus import load_image_tokenizer
     from megatron_xomni.models.siglip_vq.pixel_probe import (PixelDecoder, PixelDecoderConfig, reconstruct,
                                                         tokenizer_features, train_pixel_decoder)

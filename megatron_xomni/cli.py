@@ -3,6 +3,7 @@
     xomni generate --bundle B --prompt "a red circle" --size 64x64 --num-images 4 --out out/
     xomni chat --bundle B --image photo.png --question "What is in the image?"
     xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/   (eval.json: rewards, best-of-N, ceiling)
+    xomni corpus --images DIR | --jsonl FILE --out CORPUS   (a WebDataset corpus for the trainers)
     xomni train RECIPE [key=value ...]          (megatron_xomni.train; any stage)
     xomni submit RECIPE --nodes N [--dry-run] [key=value ...]   (SLURM, any stage)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
@@ -151,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(e, None, "64x64 for world, else 1024x1024")
     _add_sampling_args(e, "image tokens")
     _add_model_args(e, decoder=True)
+
+    k = sub.add_parser("corpus", help="build a WebDataset corpus from captioned images (folder or JSONL)",
+                       description=_corpus_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images, each with a caption in a .txt file of the same stem "
+                     "(and optional .json metadata)")
+    src.add_argument("--jsonl", help='JSONL of {"image": path, "caption": ...} (other fields become metadata)')
+    k.add_argument("--image-root", help="folder relative JSONL image paths start from (default: the JSONL's folder)")
+    k.add_argument("--out", required=True, help="corpus folder (must be empty or new, unless --overwrite)")
+    k.add_argument("--overwrite", action="store_true", help="replace the corpus in a non-empty --out")
+    k.add_argument("--samples-per-shard", type=int, default=1000, help="records per tar shard (default 1000)")
+    k.add_argument("--no-recursive", action="store_true", help="--images: only the folder itself, not its subfolders")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     for name, text in (("train", "train a recipe: xomni train RECIPE [key=value ...]"),
                        ("convert", "convert checkpoints (HF <-> megatron): xomni convert --help"),
@@ -419,6 +433,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _corpus_doc() -> str:
+    from megatron_xomni.data import corpus_build
+
+    return corpus_build.__doc__
+
+
+def cmd_corpus(args) -> int:
+    from megatron_xomni.data.corpus_build import build_corpus, summary
+
+    manifest = build_corpus(args.out, images=args.images, jsonl=args.jsonl, image_root=args.image_root,
+                            overwrite=args.overwrite, recursive=not args.no_recursive,
+                            samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+    print(summary(manifest, args.out), flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ delegation
 def _train(argv: list[str]) -> int:
     from megatron_xomni.train import main as train_main
@@ -478,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "evaluate": cmd_evaluate}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "evaluate": cmd_evaluate, "corpus": cmd_corpus}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # UsageError, LayoutError, FormatError are ValueErrors

@@ -53,6 +53,8 @@ RENAMED = {
     "keep_checkpoints": "keep_last", "grad_clip": "optim.clip_grad", "lr": "optim.lr",
     "warmup_iters": "schedule.warmup_steps", "lr_warmup_steps": "schedule.warmup_steps",
     "decay_iters": "schedule.decay_steps", "wsd_decay_iters": "schedule.wsd_decay_steps",
+    "prompt_seed": "prompts.seed", "prompt_skills": "prompts.skills",
+    "prompt_file": "prompts.source", "prompts_file": "prompts.source",
 }
 
 

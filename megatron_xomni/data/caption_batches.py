@@ -94,14 +94,10 @@ def corpus_texts(corpus, num_records: int, max_qa_pairs: int) -> list[str]:
     return texts
 
 
-def world_eval_set(n: int, size: int = 64, seed: int = 12345) -> list[tuple[torch.Tensor, str, dict]]:
-    """Held-out world samples (disjoint seed stream) as (pixels [3, H, W], caption, {"qa": ...}) triples."""
-    from megatron_xomni.data import preprocess, ImagePreprocessConfig
-    from megatron_xomni.world import held_out_prompts
+def __getattr__(name: str):
+    # world_eval_set lives with the world's other data adapters (data/world_source.py)
+    if name == "world_eval_set":
+        from megatron_xomni.data.world_source import world_eval_set
 
-    out = []
-    for s in held_out_prompts(n, seed=seed, height=size, width=size):
-        out.append((preprocess(s.image, ImagePreprocessConfig.tiny()), s.caption, {"qa": [list(p) for p in s.qa]}))
-    return out
-
-
+        return world_eval_set
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from PIL import Image
 
@@ -264,45 +264,6 @@ def write_corpus(
     return writer.manifest
 
 
-def write_world_corpus(
-    out_dir: str | os.PathLike,
-    num_samples: int,
-    seed: int = 0,
-    height: int = 64,
-    width: int = 64,
-    skills: Iterable[str] | None = None,
-    samples_per_shard: int = 1000,
-    world_config=None,
-    **writer_kwargs,
-) -> CorpusManifest:
-    """Write `num_samples` images of the built-in world (megatron_xomni.world).
-
-    skills=None uses the world's own skill mix; otherwise record i gets skill skills[i % len(skills)].
-    Meta keeps the world's meta plus "qa" (question/answer pairs) and "world" (index, seed, skill), so
-    the exact image can be regenerated.
-    """
-    from megatron_xomni.world import SKILLS, sample_world  # lazy: the world is optional for real corpora
-
-    skill_list = None if skills is None else list(skills)
-    if skill_list is not None:
-        unknown = [s for s in skill_list if s not in SKILLS]
-        if unknown or not skill_list:
-            raise ValueError(f"skills must be a non-empty subset of {SKILLS}, got {skill_list}")
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-
-    def records():
-        for i in range(num_samples):
-            skill = None if skill_list is None else skill_list[i % len(skill_list)]
-            s = sample_world(i, seed=seed, height=height, width=width, skill=skill, config=world_config)
-            meta = dict(s.meta)
-            meta["qa"] = [[q, a] for q, a in s.qa]
-            meta["world"] = {"index": i, "seed": seed, "skill": skill}
-            yield s.image, s.caption, meta
-
-    return write_corpus(records(), out_dir, samples_per_shard=samples_per_shard, **writer_kwargs)
-
-
 def _read_bytes(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -310,24 +271,34 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
+def folder_images(image_dir: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The image files (by suffix, IMAGE_EXTS) under `image_dir`, sorted."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise ValueError(f"image_dir {root} is not a directory")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
 def write_folder_corpus(
     image_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     recursive: bool = True,
+    on_item: Optional[Callable[[], None]] = None,
     **writer_kwargs,
 ) -> CorpusManifest:
     """Write every image under `image_dir` with its same-name .txt caption (and optional same-name .json meta).
 
     Images are stored as their original bytes (no re-encode). An image without caption is counted as
     missing_caption in the manifest's write_report. meta gets "source": the path relative to image_dir.
+    on_item: called once per image file handled (progress).
     """
     root = Path(image_dir)
-    if not root.is_dir():
-        raise ValueError(f"image_dir {root} is not a directory")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    files = folder_images(root, recursive)
     with CorpusWriter(out_dir, **writer_kwargs) as writer:
         for path in files:
+            if on_item is not None:
+                on_item()
             rel = str(path.relative_to(root))
             cap_path, meta_path = path.with_suffix(".txt"), path.with_suffix(".json")
             caption = cap_path.read_text(encoding="utf-8", errors="replace").strip() if cap_path.is_file() else None
@@ -356,6 +327,7 @@ def write_jsonl_corpus(
     jsonl_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
+    on_item: Optional[Callable[[], None]] = None,
     **writer_kwargs,
 ) -> CorpusManifest:
     """Write the records of a JSONL file of {"image": path, "caption": str, ...}.
@@ -363,6 +335,7 @@ def write_jsonl_corpus(
     Relative image paths are resolved against image_root (default: the JSONL's directory). Every other
     field of a line goes into meta, plus "source": the image path as written. Bad lines are counted in
     the manifest's write_report (bad_metadata / missing_image / missing_caption / image reasons).
+    on_item: called once per non-blank line handled (progress).
     """
     jsonl_path = Path(jsonl_path)
     root = Path(image_root) if image_root is not None else jsonl_path.parent
@@ -370,6 +343,8 @@ def write_jsonl_corpus(
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if on_item is not None:
+                on_item()
             where = f"{jsonl_path.name}:{lineno}"
             try:
                 row = json.loads(line)

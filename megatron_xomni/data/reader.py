@@ -204,35 +204,45 @@ class CorpusReader:
     def _make_sample(self, shard: str, key: str, parts: dict[str, bytes]) -> dict | None:
         """Turn one record into a sample, or count why not and return None."""
         where = f"{shard}/{key}"
-        image_ext = next((e for e in parts if e in IMAGE_EXTS), None)
-        if image_ext is None:
-            self.report.skip(SkipReason.MISSING_IMAGE, where, f"fields {sorted(parts)}")
+        fields = parse_record(parts, where, self.report)
+        if fields is None:
             return None
-        raw_caption = parts.get(CAPTION_EXT)
+        image, caption, meta = fields
         try:
-            caption = raw_caption.decode("utf-8").strip() if raw_caption is not None else ""
-        except UnicodeDecodeError:
-            self.report.skip(SkipReason.MISSING_CAPTION, where, "caption is not UTF-8")
-            return None
-        if not caption:
-            self.report.skip(SkipReason.MISSING_CAPTION, where, "no caption" if raw_caption is None else "empty caption")
-            return None
-        meta: dict = {}
-        if META_EXT in parts:
-            try:
-                meta = json.loads(parts[META_EXT].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                self.report.skip(SkipReason.BAD_METADATA, where, str(exc))
-                return None
-            if not isinstance(meta, dict):
-                self.report.skip(SkipReason.BAD_METADATA, where, f"meta is a JSON {type(meta).__name__}")
-                return None
-        try:
-            pixels = self.decoder(parts[image_ext])
+            pixels = self.decoder(image)
         except (DecodeFailed, ImageRejected) as exc:
             self.report.skip(exc.reason, where, str(exc))
             return None
         return {"key": key, "pixels": pixels, "caption": caption, "meta": meta, "shard": shard}
+
+
+def parse_record(parts: dict[str, bytes], where: str, report: SkipReport) -> tuple[bytes, str, dict] | None:
+    """(image bytes, caption, meta) of one record's fields, or None after counting in `report` why
+    not (no image member, no / empty / non-UTF-8 caption, metadata that is not a JSON object)."""
+    image_ext = next((e for e in parts if e in IMAGE_EXTS), None)
+    if image_ext is None:
+        report.skip(SkipReason.MISSING_IMAGE, where, f"fields {sorted(parts)}")
+        return None
+    raw_caption = parts.get(CAPTION_EXT)
+    try:
+        caption = raw_caption.decode("utf-8").strip() if raw_caption is not None else ""
+    except UnicodeDecodeError:
+        report.skip(SkipReason.MISSING_CAPTION, where, "caption is not UTF-8")
+        return None
+    if not caption:
+        report.skip(SkipReason.MISSING_CAPTION, where, "no caption" if raw_caption is None else "empty caption")
+        return None
+    meta: dict = {}
+    if META_EXT in parts:
+        try:
+            meta = json.loads(parts[META_EXT].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            report.skip(SkipReason.BAD_METADATA, where, str(exc))
+            return None
+        if not isinstance(meta, dict):
+            report.skip(SkipReason.BAD_METADATA, where, f"meta is a JSON {type(meta).__name__}")
+            return None
+    return parts[image_ext], caption, meta
 
 
 def _dist_rank_world() -> tuple[int, int]:

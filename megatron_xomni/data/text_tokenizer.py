@@ -100,21 +100,6 @@ def train_sentencepiece(
     return path
 
 
-def world_texts(num_samples: int = 2000, seed: int = 0) -> list[str]:
-    """Captions and question/answer text of the built-in world (what the tiny tokenizer is trained on)."""
-    from megatron_xomni.world import SKILLS, sample_world
-
-    texts = []
-    for i in range(num_samples):
-        # cycle the skills so rare ones (rendered text) are covered in a small sample
-        s = sample_world(i, seed=seed, skill=SKILLS[i % len(SKILLS)])
-        texts.append(s.caption)
-        texts.extend(f"{q} {a}" for q, a in s.qa)
-    # grid headers "h w" for every size the format can produce
-    texts.extend(f"{h} {w}" for h in range(1, 100) for w in (h, h // 2 + 1, 2 * h))
-    return texts
-
-
 class XOmniTextTokenizer:
     """Text tokenizer with X-Omni's three multimodal special tokens; see the module docstring."""
 
@@ -300,3 +285,13 @@ class XOmniTextTokenizer:
         """`<MM-Token-k>` -> k, anything else -> None."""
         m = _MM_TOKEN_RE.fullmatch(piece)
         return int(m.group(1)) if m else None
+
+
+def __getattr__(name: str):
+    # world_texts lives with the world's other data adapters (data/world_source.py); the old import path
+    # keeps working without this module importing the world
+    if name == "world_texts":
+        from megatron_xomni.data.world_source import world_texts
+
+        return world_texts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

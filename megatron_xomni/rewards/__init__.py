@@ -6,8 +6,11 @@ from megatron_xomni.rewards.registry import (
     RewardFn,
     RewardResult,
     available_rewards,
+    check_reward,
+    check_reward_inputs,
     get_reward,
     register_reward,
+    required_fields,
 )
 
 __all__ = [
@@ -15,6 +18,9 @@ __all__ = [
     "RewardFn",
     "RewardResult",
     "available_rewards",
+    "check_reward",
+    "check_reward_inputs",
     "get_reward",
     "register_reward",
+    "required_fields",
 ]

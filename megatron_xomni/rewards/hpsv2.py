@@ -21,6 +21,8 @@ class HPSv2Reward:
     """``model_dir``: local CLIPModel + CLIPProcessor folder; ``device``/``dtype``: where and how to run;
     ``batch_size``: images per forward pass."""
 
+    required_fields = ()  # reads the prompt only
+
     def __init__(
         self, model_dir: str | None = None, device: str = "cpu", dtype: str | None = None, batch_size: int = 16
     ) -> None:

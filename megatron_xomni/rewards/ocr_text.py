@@ -3,7 +3,9 @@
 Score = LongText-Bench accuracy (order-free multiset match of words / CJK characters, see
 ``megatron_xomni.evaluation.longtext``) of the OCR reading against ``meta["text"]`` (a string or
 a list of strings). Not applicable (``None``) when the meta has no text, or the text has no
-countable word/character after normalisation. The paper uses GOT-OCR 2.0 + PaddleOCR; the
+countable word/character after normalisation. Row field: ``text`` (``text_key``); a row
+without it is a counted failure (``RewardEnsemble``), ``"text": null`` marks a prompt that asks for
+no text. The paper uses GOT-OCR 2.0 + PaddleOCR; the
 default here is RapidOCR's PP-OCR models on CPU, created once per process.
 """
 from __future__ import annotations
@@ -20,6 +22,11 @@ from megatron_xomni.rewards.registry import register_reward
 class OCRTextReward:
     """``ocr``: any ``image -> str`` callable (default: the shared RapidOCR engine);
     ``lang``: force 'en'/'zh' normalisation (default: ``meta["lang"]``, else detected from the text)."""
+
+    @staticmethod
+    def required_fields(text_key: str = "text", **_) -> tuple[str, ...]:
+        """The row field holding the text the image should show."""
+        return (text_key,)
 
     def __init__(
         self,

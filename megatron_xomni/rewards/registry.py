@@ -27,6 +27,15 @@ be built once (an OCR engine, a model loaded from a local directory) and take pe
   images that really fail are marked.
 
 An image with no value from any component gets ``total = None``; the trainer should drop it.
+
+**Row fields.** A reward declares the prompt-row fields it reads as ``required_fields`` on its
+factory: a tuple of keys, or a function of the factory's kwargs returning one (for a reward whose
+field name is configurable). The metas the ensemble scores are prompt rows
+(``megatron_xomni.data.prompts``). A row that *lacks* a key a reward requires is a failure of that
+reward for that row - counted, logged and handled by ``on_failure`` like any other - and the reward
+is called only on the rows that have it. A key that is present with ``None`` (or an empty value)
+is the row saying "this reward does not apply" (e.g. ``"text": null`` for a prompt that asks for no
+text): the reward then returns ``None`` for it, as before.
 """
 from __future__ import annotations
 
@@ -58,8 +67,13 @@ _BUILTIN_MODULES = (
 _builtins_loaded = False
 
 
-def register_reward(name: str, *, override: bool = False) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering ``factory`` under ``name``; ``factory(**kwargs)`` must return a reward fn."""
+def register_reward(
+    name: str, *, override: bool = False, required_fields: Sequence[str] | None = None
+) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering ``factory`` under ``name``; ``factory(**kwargs)`` must return a reward fn.
+
+    ``required_fields``: prompt-row keys the reward reads (stored on the factory; a factory class can
+    declare its own ``required_fields`` attribute instead)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
 
@@ -68,6 +82,8 @@ def register_reward(name: str, *, override: bool = False) -> Callable[[RewardFac
             raise ValueError(
                 f"reward {name!r} is already registered; pick another name or pass override=True"
             )
+        if required_fields is not None:
+            factory.required_fields = tuple(required_fields)
         _REGISTRY[name] = factory
         return factory
 
@@ -88,8 +104,9 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward(name: str, **kwargs: Any) -> RewardFn:
-    """Build the reward registered as ``name`` with ``kwargs`` passed to its factory."""
+def check_reward(name: str, **kwargs: Any) -> RewardFactory:
+    """The factory of reward ``name`` after checking that ``kwargs`` fit its signature (nothing built:
+    what a dry run can check). One-line ValueError naming the reward otherwise."""
     _load_builtins()
     if name not in _REGISTRY:
         raise ValueError(
@@ -100,7 +117,28 @@ def get_reward(name: str, **kwargs: Any) -> RewardFn:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for reward {name!r}: {exc}") from None
-    return factory(**kwargs)
+    return factory
+
+
+def required_fields(name: str, **kwargs: Any) -> tuple[str, ...]:
+    """Prompt-row keys reward ``name`` (built with ``kwargs``) reads, without building it."""
+    declared = getattr(check_reward(name, **kwargs), "required_fields", ())
+    return tuple(declared(**kwargs) if callable(declared) else declared)
+
+
+def check_reward_inputs(name: str, **kwargs: Any) -> None:
+    """Check the local files reward ``name`` would load (its ``model_dir``, for rewards that take one):
+    what a job checks when it starts, before anything is loaded. One-line ValueError otherwise."""
+    factory = check_reward(name, **kwargs)
+    if "model_dir" in inspect.signature(factory).parameters:
+        from megatron_xomni.rewards._local import local_model_dir
+
+        local_model_dir(kwargs.get("model_dir"), name)
+
+
+def get_reward(name: str, **kwargs: Any) -> RewardFn:
+    """Build the reward registered as ``name`` with ``kwargs`` passed to its factory."""
+    return check_reward(name, **kwargs)(**kwargs)
 
 
 @dataclass
@@ -115,6 +153,8 @@ class RewardResult:
     failures: dict[str, list[int]] = field(default_factory=dict)
     # Per component, the last error message seen in this call (for the log line).
     errors: dict[str, str] = field(default_factory=dict)
+    # Per component, how many of its failures were rows lacking a field it requires.
+    missing_fields: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """Scalars for TensorBoard: mean total, mean of each component over images it scored,
@@ -126,6 +166,8 @@ class RewardResult:
             vals = [v for v in values if v is not None]
             out[f"reward/{name}"] = sum(vals) / len(vals) if vals else float("nan")
             out[f"reward/{name}_failures"] = float(len(self.failures.get(name, [])))
+            if name in self.missing_fields:
+                out[f"reward/{name}_missing_fields"] = float(self.missing_fields[name])
         return out
 
 
@@ -165,11 +207,16 @@ class RewardEnsemble:
                 )
         self.weights = {name: float(w) for name, w in weights.items()}
         self.on_failure = on_failure
+        self.required: dict[str, tuple[str, ...]] = {
+            name: required_fields(name, **component_kwargs.get(name, {})) for name in self.weights
+        }
         self.components: dict[str, RewardFn] = {
             name: get_reward(name, **component_kwargs.get(name, {})) for name in self.weights
         }
-        # Running failure counts over the ensemble's lifetime, per component (for logging).
+        # Running failure counts over the ensemble's lifetime, per component (for logging); the
+        # missing-field ones are also counted on their own.
         self.failure_counts: Counter[str] = Counter()
+        self.missing_field_counts: Counter[str] = Counter()
 
     def __call__(
         self, prompts: Sequence[str], images: Sequence[Image.Image], metas: Sequence[dict]
@@ -183,9 +230,13 @@ class RewardEnsemble:
         components: dict[str, list[float | None]] = {}
         failures: dict[str, list[int]] = {}
         errors: dict[str, str] = {}
+        missing_fields: dict[str, int] = {}
         for name, fn in self.components.items():
-            values, failed, error = self._run_component(name, fn, prompts, images, metas)
+            values, failed, error, n_missing = self._run_on_rows_with_fields(name, fn, prompts, images, metas)
             components[name] = values
+            if n_missing:
+                missing_fields[name] = n_missing
+                self.missing_field_counts[name] += n_missing
             if failed:
                 failures[name] = failed
                 errors[name] = error
@@ -209,7 +260,32 @@ class RewardEnsemble:
                 acc += w * value
                 used += w
             totals.append(acc * weight_total / used if used > 0 else None)
-        return RewardResult(total=totals, components=components, failures=failures, errors=errors)
+        return RewardResult(total=totals, components=components, failures=failures, errors=errors,
+                            missing_fields=missing_fields)
+
+    def _run_on_rows_with_fields(
+        self, name: str, fn: RewardFn, prompts: list[str], images: list[Image.Image], metas: list[dict]
+    ) -> tuple[list[float | None], list[int], str, int]:
+        """``_run_component`` on the rows that have every field ``name`` requires; the others fail.
+        Returns (values, failed indices, error, number of rows lacking a field)."""
+        need = self.required[name]
+        lacking = {i: [f for f in need if not isinstance(m, dict) or f not in m] for i, m in enumerate(metas)}
+        lacking = {i: missing for i, missing in lacking.items() if missing}
+        if not lacking:
+            return (*self._run_component(name, fn, prompts, images, metas), 0)
+        keep = [i for i in range(len(metas)) if i not in lacking]
+        values: list[float | None] = [None] * len(metas)
+        failed, error = sorted(lacking), ""
+        if keep:
+            sub_values, sub_failed, error = self._run_component(
+                name, fn, [prompts[i] for i in keep], [images[i] for i in keep], [metas[i] for i in keep])
+            for i, v in zip(keep, sub_values):
+                values[i] = v
+            failed = sorted(failed + [keep[j] for j in sub_failed])
+        first = min(lacking)
+        row = metas[first].get("id", first) if isinstance(metas[first], dict) else first
+        missing = f"{len(lacking)} row(s) lack field(s) {', '.join(repr(f) for f in lacking[first])} (e.g. row {row})"
+        return values, failed, f"{missing}; {error}" if error else missing, len(lacking)
 
     @staticmethod
     def _run_component(

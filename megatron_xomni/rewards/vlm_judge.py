@@ -49,6 +49,8 @@ class VLMJudgeReward:
     ``question``: template with ``{prompt}``; ``yes_tokens`` / ``no_tokens``: answer spellings;
     ``max_pixels``: cap on image pixels fed to the vision tower (None: the checkpoint's setting)."""
 
+    required_fields = ()  # reads the prompt only
+
     def __init__(
         self,
         model_dir: str | None = None,

@@ -1,8 +1,11 @@
 """``world_alignment``: the built-in data world's pixel detector as a reward.
 
-Applies to images generated for world prompts, i.e. metas carrying the world's ``skill`` and
-``include`` request (``WorldSample.meta``); any other meta - a free-text or LongText prompt, a
-GenEval prompt - and the world's own "text" skill (which OCR scores) give ``None``.
+Row field: ``include``, the detector's request - a list of ``{"shape", "count", "exact", "color",
+"position"}`` objects, one per requested object group (see ``megatron_xomni.world.detector``; world
+prompt rows carry it, and a JSONL prompt file can give it per row). Not applicable (``None``): an
+``include`` that is ``null`` or empty, the world's own "text" skill (which OCR scores), and a request
+that is not in the detector's vocabulary (a GenEval ``{"class": ...}`` spec: GenEval's own detector
+scores those). A row without ``include`` is a counted failure (``RewardEnsemble``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ class WorldAlignmentReward:
     """Score = the detector's ``fraction`` of passed checks (default: a dense RL signal) or its
     all-or-nothing GenEval-style ``score``."""
 
+    required_fields = ("include",)
+
     def __init__(self, field: Literal["fraction", "score"] = "fraction") -> None:
         if field not in ("fraction", "score"):
             raise ValueError(f"field must be 'fraction' or 'score', got {field!r}")
@@ -29,9 +34,16 @@ class WorldAlignmentReward:
 
         out: list[float | None] = []
         for image, meta in zip(images, metas):
-            if not isinstance(meta, dict) or "skill" not in meta or "include" not in meta:
+            include = meta.get("include") if isinstance(meta, dict) else None
+            if not include or meta.get("skill") == "text":
                 out.append(None)
                 continue
-            value = score_image(image, meta)[self.field]
+            if not isinstance(include, list) or not all(isinstance(r, dict) for r in include):
+                raise ValueError(f"row {meta.get('id', '?')}: 'include' must be a list of detector requests "
+                                 f"({{\"shape\": ..., \"count\": ...}}), got {include!r:.80}")
+            if any("class" in r and "shape" not in r for r in include):
+                out.append(None)  # a GenEval request: GenEval's detector scores it, not the world's
+                continue
+            value = score_image(image, {"skill": meta.get("skill"), "include": include})[self.field]
             out.append(None if value is None else float(value))
         return out

@@ -1,9 +1,11 @@
 """The GRPO run: rollouts in the training layout -> frozen decoder -> rewards -> GRPO update.
 
-Each step: this data-parallel replica takes its share of the step's prompts (built-in world
-training prompts, addressed by index so the prompt position resumes exactly), samples G image
+Each step: this data-parallel replica takes its share of the step's prompts (rows of the configured
+prompt source - a .jsonl/.txt file, a benchmark file or the built-in world's training stream -
+addressed by global index so the prompt position resumes exactly), samples G image
 token sequences per prompt with the policy in its training TP/PP layout (KV cache), renders them
-with the frozen tokenizer + diffusion decoder, scores them with the reward ensemble and applies
+with the frozen tokenizer + diffusion decoder, scores them with the reward ensemble (each reward
+reads the prompt row's fields it declares; a row lacking one is a counted failure) and applies
 the GRPO objective (clipped ratios, k3 KL to a frozen reference held in the same layout).
 Checkpoints hold policy, optimizer, step and RNG; the reference is re-read from `init_from`.
 """
@@ -19,6 +21,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from megatron_xomni.data.prompts import PromptConfig
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
@@ -63,15 +66,17 @@ class GRPORunConfig(RunSection):
     decoder_steps: int = 28
     """Euler steps of the frozen decoder."""
     rewards: dict = field(default_factory=lambda: {"world_alignment": 1.0, "ocr_text": 1.0})
-    """Reward ensemble weights (name -> weight)."""
-    prompt_seed: int = 777
-    """Seed of the training prompt stream (disjoint from evaluation's held-out stream)."""
-    prompt_skills: list = field(default_factory=list)
-    """Skills to draw prompts from (empty: all)."""
+    """Reward ensemble weights (name -> weight), rewards by their registered names."""
+    reward_args: dict = field(default_factory=dict)
+    """Factory arguments per reward (name -> kwargs), e.g. {"hpsv2": {"model_dir": "ckpt/hpsv2"}}."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Where prompts come from: a .jsonl/.txt prompt file, a benchmark file or the built-in world's
+    training stream (data/prompts.py)."""
     log_images: int = 8
     """Sample images written to TensorBoard per log step (rank 0)."""
 
     def validate(self, world_size: int) -> None:
+        """Layout and types: what submit and --dry-run check (no file is read; see check_paths)."""
         from megatron_xomni.dataclass_utils import check_numbers
 
         self.validate_run()
@@ -94,21 +99,41 @@ class GRPORunConfig(RunSection):
                                num_layers_total=self.model.num_layers_total)
         if self.parallel.sequence_parallel:
             raise ValueError("rollouts decode one token at a time: set parallel.sequence_parallel=False for GRPO")
+        self.prompts.validate()
+        self._check_rewards()
 
-    def check_paths(self) -> None:
-        """Local inputs exist (one line, exit 2). Checked when the job starts, not at submit time."""
-        if not Path(self.init_from).exists():
-            raise ValueError(f"init_from={self.init_from} does not exist: train SFT first or fix the path")
-        for name in ("text_tokenizer", "image_tokenizer", "decoder"):
+    def _check_rewards(self) -> None:
+        from megatron_xomni.rewards import check_reward
+
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            raise ValueError('rewards must map reward names to weights, e.g. rewards={"ocr_text": 1.0}')
+        if not isinstance(self.reward_args, dict) or not all(isinstance(v, dict) for v in self.reward_args.values()):
+            raise ValueError('reward_args must map reward names to factory arguments, e.g. {"hpsv2": {"model_dir": "..."}}')
+        extra = sorted(set(self.reward_args) - set(self.rewards))
+        if extra:
+            raise ValueError(f"reward_args given for {', '.join(extra)}, which rewards does not weight: add a weight or drop them")
+        for name, weight in self.rewards.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ValueError(f"rewards.{name}={weight!r}: weights are positive numbers (drop a reward instead of weight 0)")
+            check_reward(name, **self.reward_args.get(name, {}))
+
+    def check_paths(self):
+        """The local inputs, checked when the job starts, before any process group or model load:
+        checkpoints, tokenizers, decoder, reward model folders and the prompt source, which must give
+        every configured reward the fields it reads in at least one row. Returns the prompt source."""
+        from megatron_xomni.data.prompts import check_fields, make_prompt_source
+        from megatron_xomni.rewards import check_reward_inputs, required_fields
+
+        for name in ("init_from", "text_tokenizer", "image_tokenizer", "decoder"):
             if not Path(getattr(self, name)).exists():
-                raise ValueError(f"{name}={getattr(self, name)} does not exist")
+                raise ValueError(f"{name}={getattr(self, name)} does not exist: "
+                                 + ("train SFT first or fix the path" if name == "init_from" else "fix the path"))
+        for name in self.rewards:
+            check_reward_inputs(name, **self.reward_args.get(name, {}))
+        source = make_prompt_source(self.prompts, self.image_height, self.image_width)
+        check_fields(source, {n: required_fields(n, **self.reward_args.get(n, {})) for n in self.rewards})
+        return source
 
-def world_prompt(index: int, cfg: GRPORunConfig):
-    from megatron_xomni.world import SKILLS, sample_world
-
-    skills = cfg.prompt_skills or list(SKILLS)
-    return sample_world(index, seed=cfg.prompt_seed, height=cfg.image_height, width=cfg.image_width,
-                        skill=skills[index % len(skills)])
 
 
 class GRPOTrainer:
@@ -132,7 +157,9 @@ class GRPOTrainer:
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)
-        cfg.check_paths()
+        # Every rank reads the prompt source (rows are addressed by global index); a bad input stops all
+        # of them here, before any process group, and rank 0 prints the one line (train.py).
+        self.prompts = cfg.check_paths()
         self.ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill,
                                       layout={"world_size": world, **dataclasses.asdict(cfg.parallel)})
         self.pg = initialize_parallel(cfg.parallel, cfg.seed)
@@ -152,7 +179,7 @@ class GRPOTrainer:
         from megatron_xomni.inference.render import Renderer
 
         self.renderer = Renderer(cfg.image_tokenizer, cfg.decoder, cfg.decoder_steps)
-        self.rewards = RewardEnsemble(dict(cfg.rewards))
+        self.rewards = RewardEnsemble(dict(cfg.rewards), **{n: dict(kw) for n, kw in cfg.reward_args.items()})
         self.reference_identity = str(init)
         self._maybe_resume()
         rank0 = torch.distributed.get_rank() == 0
@@ -192,12 +219,12 @@ class GRPOTrainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def prompts_for_step(self, step: int):
-        """(global prompt ids, samples) of this replica for `step` (contiguous block per replica)."""
+        """(global prompt indices, prompt rows) of this replica for `step` (contiguous block per replica)."""
         cfg = self.cfg
         dp, rank = self.pg.dp.size(), self.pg.dp.rank()
         per = cfg.prompts_per_step // dp
         ids = [step * cfg.prompts_per_step + rank * per + i for i in range(per)]
-        return ids, [world_prompt(i, cfg) for i in ids]
+        return ids, self.prompts.rows(ids)
 
     def rollout(self, step: int):
         from megatron_xomni.inference.generation import RolloutConfig, generate_images
@@ -205,26 +232,25 @@ class GRPOTrainer:
 
         cfg = self.cfg
         h, w = cfg.image_height // 16, cfg.image_width // 16
-        ids, samples = self.prompts_for_step(step)
+        ids, rows = self.prompts_for_step(step)
         fmt = SequenceFormat(cfg.model.text_vocab_size, cfg.model.image_vocab_size)
         header, _, eom = image_block_ids(self.text_tok, fmt, torch.zeros(h, w, dtype=torch.long).numpy())
-        prompts = [self.text_tok.encode(s.caption) + header for s in samples]
+        prompts = [self.text_tok.encode(r["prompt"]) + header for r in rows]
         local_ids = [i - step * cfg.prompts_per_step for i in ids]  # ids within the step, global over DP
         rcfg = RolloutConfig(sampling=cfg.sampling, samples_per_prompt=cfg.group_size, seed=cfg.seed * 100_003 + step)
         rollouts = generate_images(self.chunks, self.pg, prompts, (h, w), eom, rcfg, prompt_ids=local_ids)
-        return rollouts, samples, (h, w)
+        return rollouts, rows, (h, w)
 
     def run_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        rollouts, samples, (h, w) = self.rollout(self.step)
+        rollouts, rows, (h, w) = self.rollout(self.step)
         t_rollout = time.perf_counter() - t0
-        by_prompt = {r.prompt_id: s for r, s in zip(rollouts[:: cfg.group_size], samples)}
-        first = min(by_prompt)
+        first = min(r.prompt_id for r in rollouts)
         t0 = time.perf_counter()
         codes = torch.stack([r.codes.view(h, w) for r in rollouts])
-        metas = [samples[r.prompt_id - first].meta for r in rollouts]
-        captions = [samples[r.prompt_id - first].caption for r in rollouts]
+        metas = [rows[r.prompt_id - first] for r in rollouts]
+        captions = [m["prompt"] for m in metas]
         images = self.renderer(codes, [cfg.seed * 7919 + self.step * 100_000 + r.sample_id for r in rollouts], captions)
         t_decode = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -236,20 +262,27 @@ class GRPOTrainer:
         stats = self.grpo(rollouts, rewards)
         self.step += 1
         rew = torch.tensor(rewards)
-        # rewards are per replica: gather global statistics over DP
-        summed = torch.tensor([rew.sum().item(), float(len(rew)), rew.max().item(), -rew.min().item()])
-        torch.distributed.all_reduce(summed[:2], group=self.pg.dp)
-        mx = summed[2:].clone()
+        # rewards are per replica: gather global statistics over DP. Per reward: the sum and count of its
+        # values, its failures and, of those, the rows lacking a field it reads.
+        names = list(result.components)
+        per = []
+        for n in names:
+            vals = [x for x in result.components[n] if x is not None]
+            per += [sum(vals), float(len(vals)), float(len(result.failures.get(n, []))), float(result.missing_fields.get(n, 0))]
+        sums = torch.tensor([rew.sum().item(), float(len(rew)), *per])
+        torch.distributed.all_reduce(sums, group=self.pg.dp)
+        mx = torch.tensor([rew.max().item(), -rew.min().item()])
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=self.pg.dp)
         comps = {}
-        for name, vals in result.components.items():
-            v = [x for x in vals if x is not None]
-            comps[f"reward/{name}"] = sum(v) / len(v) if v else float("nan")
+        for k, n in enumerate(names):
+            total, count, failed, missing = sums[2 + 4 * k: 6 + 4 * k].tolist()
+            comps[f"reward/{n}"] = total / count if count else float("nan")
+            comps[f"reward/{n}_failures"], comps[f"reward/{n}_missing_fields"] = failed, missing
         n_tokens = sum(r.num_sampled for r in rollouts)
         times = stats.get("time", {})
         out = {
-            "reward/mean": (summed[0] / summed[1]).item(), "reward/max": mx[0].item(), "reward/min": -mx[1].item(),
-            **comps, "reward/failures": float(sum(len(v) for v in result.failures.values())),
+            "reward/mean": (sums[0] / sums[1]).item(), "reward/max": mx[0].item(), "reward/min": -mx[1].item(),
+            **comps, "reward/failures": sum(comps[f"reward/{n}_failures"] for n in names),
             "grpo/loss": stats["loss"], "grpo/kl": stats["kl"], "grpo/clip_fraction": stats["clip_fraction"],
             "grpo/entropy": stats["entropy"], "grpo/response_length": stats["response_length"],
             "time/rollout": t_rollout, "time/decode": t_decode, "time/reward": t_reward,

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_xomni.data.corpus_source import BatchShape, image_text_source, pil_to_pixels  # noqa: F401 (pil_to_pixels re-exported)
+from megatron_xomni.data.preprocess import ImagePreprocessConfig
 from megatron_xomni.training.flux_decoder_checkpoint import export_decoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS, DecoderConfig, decoder_config
 from megatron_xomni.models.flux_decoder.model import NEW_PARAMS, XOmniDecoder, build_decoder
@@ -65,8 +66,14 @@ class TrainConfig:
     trained negative branch."""
     logit_normal_std: float = 1.0
     """Timesteps: sigmoid(N(0, std)) then FLUX's resolution shift, matching where the sampler spends its steps."""
+    corpus: str = "world"
+    """Training images: "world" (the built-in world, rendered at image_size) or a WebDataset corpus
+    directory (`xomni corpus` builds one from a folder of images with .txt captions or a JSONL)."""
+    preprocess: Literal["auto", "fixed", "xomni"] = "auto"
+    """"fixed": image_size squares (cover-resize, centre-crop); "xomni": X-Omni's any-res rules, each
+    batch at the size of its first image; "auto": fixed for the tiny preset, xomni otherwise."""
     image_size: int = 64
-    """Square training resolution in pixels for the built-in world data (multiple of 16)."""
+    """Square training resolution in pixels for fixed preprocessing and the world (multiple of 16)."""
     seed: int = 0
     """Seeds the model init, data order and every training draw."""
     out_dir: str = "runs/decoder"
@@ -92,17 +99,16 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def pil_to_pixels(images) -> torch.Tensor:
-    """PIL RGB images -> float [B,3,H,W] in [-1,1]."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+def batch_shape(cfg: TrainConfig) -> BatchShape:
+    mode = cfg.preprocess if cfg.preprocess != "auto" else ("fixed" if cfg.preset == "tiny" else "xomni")
+    if mode not in ("fixed", "xomni"):
+        raise ValueError(f"preprocess={cfg.preprocess!r}: choose auto, fixed or xomni")
+    return BatchShape.fixed(cfg.image_size) if mode == "fixed" else BatchShape.xomni(ImagePreprocessConfig())
 
 
-def world_images(indices: Iterable[int], size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    from megatron_xomni.world import sample_world
-
-    samples = [sample_world(int(i), seed=seed, height=size, width=size) for i in indices]
-    return pil_to_pixels([s.image for s in samples]), [s.caption for s in samples]
+def training_source(cfg: TrainConfig):
+    """The image-text source `cfg.corpus` names (data/corpus_source.py), seeded by `cfg.seed`."""
+    return image_text_source(cfg.corpus, seed=cfg.seed, size=cfg.image_size)
 
 
 @torch.no_grad()
@@ -111,14 +117,14 @@ def tokenizer_features(tokenizer, pixels: torch.Tensor) -> torch.Tensor:
     return tokenizer.decode_features(tokenizer.encode(pixels)).float()
 
 
-def world_batches(tokenizer, cfg: TrainConfig, rank: int = 0, world_size: int = 1, start_step: int = 0) -> Iterator[dict]:
-    """Endless built-in world batches for this rank: step s holds global samples s*B .. s*B+B-1."""
-    per_rank = cfg.batch_size // world_size
-    for step in itertools.count(start_step):
-        first = step * cfg.batch_size + rank * per_rank
-        pixels, captions = world_images(range(first, first + per_rank), cfg.image_size, cfg.seed)
-        yield {"pixels": pixels, "features": tokenizer_features(tokenizer, pixels), "prompts": captions,
-               "index": torch.arange(first, first + per_rank)}
+def source_batches(tokenizer, cfg: TrainConfig, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                   source=None) -> Iterator[dict]:
+    """Endless batches of this rank from the training source: step s holds global records
+    s*B .. s*B+B-1 (rank r its contiguous slice), so a resumed run starts at its step directly."""
+    source = source or training_source(cfg)
+    for b in source.batches(cfg.batch_size, batch_shape(cfg), rank, world_size, start_step):
+        yield {"pixels": b["pixels"], "features": tokenizer_features(tokenizer, b["pixels"]), "prompts": b["prompts"],
+               "index": b["index"]}
 
 
 # ----------------------------------------------------------------------------- loss
@@ -219,7 +225,7 @@ def load_init(cfg: TrainConfig) -> XOmniDecoder:
     if cfg.vae_fit_steps > 0:
         if cfg.preset != "tiny":
             raise ValueError("vae_fit_steps is for the tiny preset; the full preset uses FLUX's released VAE")
-        pixels, _ = world_images(range(512), cfg.image_size, seed=cfg.seed)
+        pixels = training_source(cfg).gather(range(512), BatchShape.fixed(cfg.image_size))["pixels"]
         g = torch.Generator().manual_seed(cfg.seed)
 
         def crops():  # random 32 px crops: the VAE is convolutional, crops train it faster
@@ -245,7 +251,8 @@ def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
 
     ``data`` yields per-rank batches {"pixels", "features"[, "prompts", "latents", "index"]}; it is
     fast-forwarded by the resumed step count, so it must be deterministic for exact resume. Without
-    ``data`` the built-in world images are used with ``tokenizer`` (required then).
+    ``data`` the images of ``cfg.corpus`` (the world or a corpus) are used with ``tokenizer`` (required
+    then); their skip report is saved as out_dir/data_skips/rank<R>.json with every checkpoint.
     ``held_out``: (pixels, features) reconstructed into TensorBoard every ``sample_every`` steps.
     """
     rank, world, device = init_distributed()
@@ -270,10 +277,12 @@ def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
     last = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if last is not None:
         start = load_checkpoint(last, decoder.transformer, opt, cfg.variant)
+    source = None
     if data is None:
         if tokenizer is None:
             raise ValueError("train() needs a frozen tokenizer (or a data iterable) to compute condition features")
-        data_iter = world_batches(tokenizer, cfg, rank, world, start)
+        source = training_source(cfg)
+        data_iter = source_batches(tokenizer, cfg, rank, world, start, source)
     else:
         data_iter = itertools.islice(iter(data), start, None)
 
@@ -314,11 +323,16 @@ def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
             _log_samples(decoder, held_out, cfg, writer, done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_dir, done, decoder.transformer, opt, trainable, meta)
+            if source is not None:
+                source.report.save(out / "data_skips" / f"rank{rank}.json")
     decoder.transformer.eval()
+    if source is not None and source.report.num_skipped and rank == 0:
+        print(f"[decoder] {cfg.corpus}, rank 0: {source.report}".replace("\n", "; "), flush=True)
     export = export_decoder(decoder, out / "export") if cfg.export else None
     if writer is not None:
         writer.close()
-    return {"decoder": decoder, "losses": losses, "step": max(start, cfg.steps), "export": export}
+    return {"decoder": decoder, "losses": losses, "step": max(start, cfg.steps), "export": export,
+            "data_report": source.report if source is not None else None}
 
 
 def _log_samples(decoder, held_out, cfg: TrainConfig, writer, step: int) -> None:

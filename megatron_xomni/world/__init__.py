@@ -4,7 +4,7 @@
     from megatron_xomni.world.detector import score_image
 """
 
-from megatron_xomni.world.scene import WorldConfig, WorldSample, held_out_prompts, sample_world
+from megatron_xomni.world.scene import WorldConfig, WorldSample, held_out_prompts, held_out_sample, sample_world
 from megatron_xomni.world.vocab import COLORS, PALETTE, RELATIONS, SHAPES, SKILLS
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "WorldConfig",
     "WorldSample",
     "held_out_prompts",
+    "held_out_sample",
     "sample_world",
 ]

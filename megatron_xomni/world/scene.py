@@ -412,4 +412,17 @@ def held_out_prompts(
         raise ValueError(f"skills={skills!r} must be a non-empty subset of {SKILLS}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [_generate("heldout", i, seed, height, width, skills[i % len(skills)], config) for i in range(n)]
+    return [held_out_sample(i, seed, height, width, skills[i % len(skills)], config) for i in range(n)]
+
+
+def held_out_sample(
+    index: int,
+    seed: int = 12345,
+    height: int = 64,
+    width: int = 64,
+    skill: str | None = None,
+    config: WorldConfig | None = None,
+) -> WorldSample:
+    """Sample number ``index`` of the "heldout" stream alone (``held_out_prompts(n)[i]`` is
+    ``held_out_sample(i, ..., skill=skills[i % len(skills)])``), for random access by index."""
+    return _generate("heldout", index, seed, height, width, skill, config)

@@ -126,3 +126,46 @@ def test_bad_factory_arguments_are_a_value_error():
     _table("a", [1.0])
     with pytest.raises(ValueError, match="bad arguments for reward 'a'"):
         get_reward("a", bogus=1)
+
+
+@pytest.mark.parametrize("policy", ["exclude", "zero"])
+def test_rows_lacking_a_required_field_are_counted_failures(policy, caplog):
+    seen = []
+
+    @register_reward("needs_text", required_fields=("text",))
+    def needs_text():
+        def fn(prompts, images, metas):
+            seen.append([m["i"] for m in metas])
+            return [None if m["text"] is None else len(m["text"]) / 10 for m in metas]
+        return fn
+
+    _table("steady", [1.0, 0.5, 0.25, 0.0])
+    ens = RewardEnsemble({"needs_text": 2.0, "steady": 1.0}, on_failure=policy)
+    rows = [{"i": 0, "id": "r0", "text": "hello"}, {"i": 1, "id": "r1"}, {"i": 2, "id": "r2", "text": None},
+            {"i": 3, "id": "r3"}]
+    with caplog.at_level("WARNING", logger="megatron_xomni.rewards.registry"):
+        result = ens(["p"] * 4, [Image.new("RGB", (4, 4))] * 4, rows)
+    assert seen == [[0, 2]]  # the reward only ever sees the rows that have its field
+    assert result.failures == {"needs_text": [1, 3]} and result.missing_fields == {"needs_text": 2}
+    assert result.components["needs_text"] == [pytest.approx(0.5), None, None, None]
+    # row 2 says text: null (not applicable): steady alone, rescaled by 3/1; rows 1, 3 lack it (failures)
+    fail = 3.0 if policy == "exclude" else 1.0  # exclude: steady rescaled by 3/1 ; zero: 2*0 + steady
+    assert result.total == [pytest.approx(2 * 0.5 + 1.0), pytest.approx(0.5 * fail), pytest.approx(0.25 * 3),
+                            pytest.approx(0.0)]
+    assert ens.failure_counts["needs_text"] == 2 and ens.missing_field_counts["needs_text"] == 2
+    assert result.summary()["reward/needs_text_missing_fields"] == 2.0
+    assert "2 row(s) lack field(s) 'text' (e.g. row r1)" in caplog.text
+
+
+def test_required_fields_are_declared_without_building():
+    assert registry.required_fields("world_alignment") == ("include",)
+    assert registry.required_fields("ocr_text") == ("text",)
+    assert registry.required_fields("ocr_text", text_key="words") == ("words",)  # a function of the kwargs
+    assert registry.required_fields("hpsv2", model_dir="nowhere") == ()  # nothing loaded: no error for the path
+    with pytest.raises(ValueError, match="bad arguments for reward 'ocr_text'"):
+        registry.required_fields("ocr_text", bogus=1)
+    with pytest.raises(ValueError, match="reward 'hpsv2' needs model_dir"):
+        registry.check_reward_inputs("hpsv2")
+    with pytest.raises(ValueError, match="no config.json"):
+        registry.check_reward_inputs("vlm_judge", model_dir="/nowhere/judge")
+    registry.check_reward_inputs("ocr_text")  # no local files to check

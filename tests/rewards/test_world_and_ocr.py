@@ -84,10 +84,15 @@ def test_ensemble_of_builtin_rewards():
     sample = world.sample_world(3, skill="colors", height=128, width=128)
     ensemble = RewardEnsemble({"ocr_text": 1.0, "world_alignment": 1.0})
     images = [_rendered(), sample.image, _blank()]
-    metas = [{"text": SENTENCE}, sample.meta, {"text": SENTENCE}]
+    # the text rows say "no detector request" explicitly (include: null): not applicable, no failure
+    metas = [{"text": SENTENCE, "include": None}, sample.meta, {"text": SENTENCE, "include": None}]
     result = ensemble(["p", sample.caption, "p"], images, metas)
     ocr_vals, world_vals = result.components["ocr_text"], result.components["world_alignment"]
     assert world_vals[0] is None and world_vals[2] is None and ocr_vals[1] is None
     # one applicable component per image: its value, rescaled to the full weight total 2
     assert result.total == [pytest.approx(2 * ocr_vals[0]), pytest.approx(2 * world_vals[1]), 0.0]
     assert ocr_vals[0] >= 0.9 and result.failures == {}
+    # rows that lack the field altogether: the same totals (failures are excluded), but counted
+    lacking = ensemble(["p", sample.caption, "p"], images, [{"text": SENTENCE}, sample.meta, {"text": SENTENCE}])
+    assert lacking.total == result.total and lacking.components == result.components
+    assert lacking.failures == {"world_alignment": [0, 2]} and lacking.missing_fields == {"world_alignment": 2}

@@ -29,7 +29,8 @@ pytest.importorskip("megatron_xomni.world")
 
 from megatron_xomni.models.flux_decoder import XOmniDecoder, build_decoder, decoder_config  # noqa: E402
 from megatron_xomni.models.flux_decoder.sampling import sample  # noqa: E402
-from megatron_xomni.training.flux_decoder import TrainConfig, fit_vae, psnr, tokenizer_features, train, world_images  # noqa: E402
+from megatron_xomni.data.world_source import world_images  # noqa: E402
+from megatron_xomni.training.flux_decoder import TrainConfig, fit_vae, psnr, tokenizer_features, train  # noqa: E402
 
 N_TRAIN, N_HELD, SIZE = 384, 32, 64
 VAE_STEPS, DECODER_STEPS, LR = 150, 400, 2e-3

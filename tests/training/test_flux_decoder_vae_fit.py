@@ -4,7 +4,8 @@ every latent meaningless), saved to out_dir/init and reused as-is on resume."""
 import torch
 
 from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
-from megatron_xomni.training.flux_decoder import TrainConfig, load_init, world_images
+from megatron_xomni.data.world_source import world_images
+from megatron_xomni.training.flux_decoder import TrainConfig, load_init
 
 
 def _recon_mse(decoder, pixels):

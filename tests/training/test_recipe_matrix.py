@@ -14,7 +14,8 @@ sequence parallelism and dtype policy (bf16 mixed precision runs on CPU too). Wh
 | data (16K tokens, 256 x batch) | synthetic tokens, seq 64, global batch 8      | CPU                                    |
 | init_from (converted Qwen/PT)  | a random tiny checkpoint                      | no real weights here                   |
 
-GRPO recipes run on a tiny random bundle (SFT checkpoint, tokenizers, decoder) built here, for 4
+GRPO recipes run on a tiny random bundle (SFT checkpoint, tokenizers, decoder) built here, with the world
+reward only (a recipe's prompt file becomes world prompts written as JSONL, its HF reward models are not here), for 4
 steps instead of 6. One extra case runs PT-1 (frozen LM, distributed optimizer) with interleaved
 pipeline stages (PP 2 x VPP 2, DP 2), the layout no recipe ships but users set on the command line.
 A recipe of a config type this file does not know fails, so new stages must join the matrix.
@@ -77,7 +78,9 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
         cfg.image_tokenizer, cfg.decoder = str(root / "imgtok"), str(root / "decoder")
         cfg.image_height = cfg.image_width = 64
         cfg.prompts_per_step, cfg.group_size, cfg.grpo.micro_batch_size = 2, 4, 4
-        cfg.decoder_steps, cfg.rewards, cfg.optim.lr = 2, {"world_alignment": 1.0}, 1e-3
+        cfg.decoder_steps, cfg.rewards, cfg.reward_args, cfg.optim.lr = 2, {"world_alignment": 1.0}, {}, 1e-3
+        if not cfg.prompts.is_world:  # a recipe's prompt file: world prompts written as JSONL (world_prompts.jsonl)
+            cfg.prompts.source = str(root / "world_prompts.jsonl")
         world = 2 * p.tensor_parallel * p.pipeline_parallel  # DP 2
         return cfg, world
     pytest.fail(f"recipe {name} has config type {type(cfg).__name__}: add its shrink rule to this matrix")
@@ -98,6 +101,7 @@ def _make_init(rank, world, root):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Token data (a weighted blend of two files), a tiny init checkpoint and a tiny GRPO bundle."""
+    from megatron_xomni.data.prompts import PromptConfig, make_prompt_source
     from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
     from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
@@ -111,6 +115,9 @@ def world(tmp_path_factory):
     build_decoder(decoder_config("tiny", "image")).save_pretrained(root / "decoder")
     XOmniTextTokenizer.from_sentencepiece(train_sentencepiece(world_texts(400), root / "sp", vocab_size=512)).save(root / "text")
     run_ranks(_make_init, 1, str(root))
+    rows = make_prompt_source(PromptConfig(skills=["counting", "colors", "position"])).rows(range(16))
+    (root / "world_prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "include", "text")}) + "\n"
+                                                      for r in rows))
     return root
 
 
