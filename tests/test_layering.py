@@ -37,7 +37,7 @@ FLOORS = {
     4: ["training", "inference", "conversion"],
     5: ["rl"],
     6: ["recipes"],
-    7: ["cli", "train", "api", "demo"],
+    7: ["cli", "train", "api", "demo", "slurm"],
 }
 FLOOR_OF = {top: floor for floor, tops in FLOORS.items() for top in tops}
 
@@ -49,14 +49,12 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 # The built-in world is one data source among others: only the world's own plugins may import it
 # (the world corpus writer and world texts in data/, the world benchmark, the world reward).
-WORLD_USERS = ("megatron_xomni.world", "megatron_xomni.data.corpus", "megatron_xomni.data.text_tokenizer",
+WORLD_USERS = ("megatron_xomni.world", "megatron_xomni.data.world_source", "megatron_xomni.data.corpus",
+               "megatron_xomni.data.text_tokenizer",
                "megatron_xomni.data.caption_batches", "megatron_xomni.evaluation.world_bench",
                "megatron_xomni.rewards.world_alignment")
-# Modules that still read the world directly; the data-sources work (issue 10, part 3) replaces
-# these with a world data source / prompt source, then deletes the entry.
+# Modules that still read the world directly (empty since the data sources: keep it empty).
 WORLD_ALLOWED: dict[str, str] = {
-    "megatron_xomni.training.flux_decoder": "world_images(): decoder batches from sample_world (-> image-text corpus source)",
-    "megatron_xomni.rl.trainer": "world_prompt(): GRPO prompts from sample_world (-> prompt source)",
 }
 
 

@@ -173,7 +173,8 @@ def save_megatron(state: dict[str, torch.Tensor], mcfg: XOmniModelConfig, plan: 
 
 def load_megatron(ckpt_root, iteration: Optional[int] = None) -> tuple[dict, XOmniModelConfig]:
     """Global state dict of a Megatron checkpoint saved at any TP/PP."""
-    from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
+    from megatron_xomni.checkpointing import read_metadata, resolve_checkpoint
+    from megatron_xomni.models.xomni.checkpoint import load_weights
 
     path = resolve_checkpoint(ckpt_root, iteration)
     meta = read_metadata(path, "model_config")
@@ -181,8 +182,7 @@ def load_megatron(ckpt_root, iteration: Optional[int] = None) -> tuple[dict, XOm
         raise ConversionError(f"{path} has no model_config.json: not a megatron-xomni checkpoint")
     mcfg = XOmniModelConfig.from_dict(meta)
     model = _single_rank_model(mcfg)
-    loaded = load_checkpoint(path, {"model": model.sharded_state_dict()}, partial=True)
-    model.load_state_dict(loaded["model"], strict=False)
+    load_weights([model], path)
     return _plain_state(model), mcfg
 
 

@@ -15,18 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_xomni.data.corpus_source import pil_to_pixels  # noqa: F401  (the inverse of to_pil; re-exported)
+
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
     """[3, H, W] in [-1, 1] -> RGB image (the rounding diffusers' image processor uses)."""
     x = ((pixels.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
     arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(arr, mode="RGB")
-
-
-def pil_to_pixels(images) -> torch.Tensor:
-    """PIL images of one size -> float [B, 3, H, W] in [-1, 1] (the inverse of to_pil, no resizing)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 class Renderer:

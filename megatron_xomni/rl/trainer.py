@@ -25,6 +25,7 @@ from megatron_xomni.data.prompts import PromptConfig
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
+from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
 from megatron_xomni.training.preemption import EXIT_REQUEUE, PreemptionSignal
@@ -84,9 +85,6 @@ class GRPORunConfig(RunSection):
         check_numbers({"group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
                        "decoder_steps": self.decoder_steps, "image_height": self.image_height,
                        "image_width": self.image_width}, 1)
-        for name, v in (("image_height", self.image_height), ("image_width", self.image_width)):
-            if v % 16:
-                raise ValueError(f"{name}={v} is not a multiple of 16 (one image token = 16 px): use {v // 16 * 16 or 16}")
         dp = self.parallel.data_parallel(world_size)
         if self.prompts_per_step % dp:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} is not divisible by DP={dp}: change it")
@@ -94,11 +92,7 @@ class GRPORunConfig(RunSection):
         if local % self.grpo.micro_batch_size:
             raise ValueError(f"{local} rollouts per replica and minibatch are not a multiple of "
                              f"grpo.micro_batch_size={self.grpo.micro_batch_size}: set it to a divisor (e.g. group_size)")
-        self.parallel.validate(world_size, num_attention_heads=self.model.num_attention_heads,
-                               num_query_groups=self.model.num_query_groups,
-                               num_layers_total=self.model.num_layers_total)
-        if self.parallel.sequence_parallel:
-            raise ValueError("rollouts decode one token at a time: set parallel.sequence_parallel=False for GRPO")
+        self.parallel.validate_for(self.model, world_size, decoding=True)
         self.prompts.validate()
         self._check_rewards()
 
@@ -122,18 +116,20 @@ class GRPORunConfig(RunSection):
         checkpoints, tokenizers, decoder, reward model folders and the prompt source, which must give
         every configured reward the fields it reads in at least one row. Returns the prompt source."""
         from megatron_xomni.data.prompts import check_fields, make_prompt_source
+        from megatron_xomni.models.siglip_vq.model import check_pretrained
         from megatron_xomni.rewards import check_reward_inputs, required_fields
 
         for name in ("init_from", "text_tokenizer", "image_tokenizer", "decoder"):
             if not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}={getattr(self, name)} does not exist: "
                                  + ("train SFT first or fix the path" if name == "init_from" else "fix the path"))
+        patch = check_pretrained(self.image_tokenizer).patch_size  # its config only, no weights
+        ImageGrid.from_pixels(self.image_height, self.image_width, patch, what="image_height x image_width")
         for name in self.rewards:
             check_reward_inputs(name, **self.reward_args.get(name, {}))
         source = make_prompt_source(self.prompts, self.image_height, self.image_width)
         check_fields(source, {n: required_fields(n, **self.reward_args.get(n, {})) for n in self.rewards})
         return source
-
 
 
 class GRPOTrainer:
@@ -144,15 +140,14 @@ class GRPOTrainer:
     def setup(self) -> None:
         import os
 
-        from megatron_xomni.checkpointing import load_checkpoint, resolve_checkpoint
-        from megatron_xomni.models.xomni.builder import build_model_chunks
+        from megatron_xomni.checkpointing import resolve_checkpoint
+        from megatron_xomni.models.xomni.checkpoint import load_xomni
         from megatron_xomni.parallel import initialize_parallel
         from megatron_xomni.rewards import RewardEnsemble
         from megatron_xomni.rl.grpo import GRPOStep
         from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
         from megatron_xomni.training.metrics import MetricsLogger
         from megatron_xomni.training.optim import wrap_and_build_optimizer
-        from megatron_xomni.training.step import load_model_state, model_sharded_state_dict
 
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -166,12 +161,10 @@ class GRPOTrainer:
         self.text_tok = XOmniTextTokenizer.load(cfg.text_tokenizer)
         self.text_tok.check_text_vocab(cfg.model.text_vocab_size)
         init = resolve_checkpoint(cfg.init_from)
-        self.chunks = build_model_chunks(cfg.model, cfg.parallel, self.pg)
-        load_model_state(self.chunks, load_checkpoint(init, model_sharded_state_dict(self.chunks), partial=True))
+        self.chunks, _ = load_xomni(init, cfg.parallel, self.pg, model_config=cfg.model)
         self.ref = None
-        if cfg.grpo.kl_beta > 0:
-            self.ref = build_model_chunks(cfg.model, cfg.parallel, self.pg)
-            load_model_state(self.ref, load_checkpoint(init, model_sharded_state_dict(self.ref), partial=True))
+        if cfg.grpo.kl_beta > 0:  # the frozen reference, in the same layout
+            self.ref, _ = load_xomni(init, cfg.parallel, self.pg, model_config=cfg.model)
             for m in self.ref:
                 m.eval().requires_grad_(False)
         self.wrapped, self.optimizer = wrap_and_build_optimizer(self.chunks, cfg.optim, self.pg)
@@ -231,7 +224,8 @@ class GRPOTrainer:
         from megatron_xomni.data.sequence import SequenceFormat, image_block_ids
 
         cfg = self.cfg
-        h, w = cfg.image_height // 16, cfg.image_width // 16
+        h, w = ImageGrid.from_pixels(cfg.image_height, cfg.image_width, self.renderer.patch,
+                                     what="image_height x image_width").shape
         ids, rows = self.prompts_for_step(step)
         fmt = SequenceFormat(cfg.model.text_vocab_size, cfg.model.image_vocab_size)
         header, _, eom = image_block_ids(self.text_tok, fmt, torch.zeros(h, w, dtype=torch.long).numpy())

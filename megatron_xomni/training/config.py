@@ -124,15 +124,6 @@ class ARRunConfig(RunSection):
                 f"{self.model.max_position_embeddings}: raise the latter or shorten sequences"
             )
         nmb = self.num_microbatches(world_size)
-        self.parallel.validate(
-            world_size,
-            num_attention_heads=self.model.num_attention_heads,
-            num_query_groups=self.model.num_query_groups,
-            num_layers_total=self.model.num_layers_total,
-            seq_length=self.data.seq_length,
-            vocab_sizes={"model.text_vocab_size": self.model.text_vocab_size,
-                         "model.image_table_size": self.model.image_table_size},
-            have_te_attention=have_te_attention,
-            num_microbatches=nmb,
-        )
+        self.parallel.validate_for(self.model, world_size, seq_length=self.data.seq_length, num_microbatches=nmb,
+                                   have_te_attention=have_te_attention)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_xomni.device import resolve_precision, transformer_engine_usable
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
 from megatron_xomni.training.config import ARRunConfig
@@ -44,18 +45,10 @@ def log0(msg: str) -> None:
 
 
 def resolve_dtype(precision: str) -> tuple[torch.dtype, dict]:
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    if precision == "fp8" and not cuda:
-        raise InputError("precision=fp8 needs a GPU with Transformer Engine: use bf16 or fp32 on CPU")
-    if precision == "fp8":
-        from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
-
-        if not transformer_engine_usable():
-            raise InputError("precision=fp8 needs Transformer Engine: pip install megatron-xomni[gpu]")
-        return torch.bfloat16, {"fp8": "hybrid", "fp8_recipe": "delayed"}
-    return (torch.bfloat16 if precision == "bf16" else torch.float32), {}
+    try:
+        return resolve_precision(precision)
+    except ValueError as e:  # this machine cannot run it: bad input for this job
+        raise InputError(str(e)) from None
 
 
 def apply_trainable(chunks: list, trainable: str) -> int:
@@ -131,7 +124,6 @@ class Trainer:
     def setup(self) -> None:
         from megatron_xomni.data.token_dataset import DatasetSpec, build_sample_streams
         from megatron_xomni.models.xomni.builder import build_model_chunks
-        from megatron_xomni.models.xomni.layer_spec import transformer_engine_usable
         from megatron_xomni.parallel import initialize_parallel
         from megatron_xomni.training.metrics import MetricsLogger, Throughput
         from megatron_xomni.training.optim import wrap_and_build_optimizer
@@ -208,9 +200,10 @@ class Trainer:
         return path, applied
 
     def _maybe_load(self) -> None:
-        from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
+        from megatron_xomni.checkpointing import read_metadata, resolve_checkpoint
+        from megatron_xomni.models.xomni.checkpoint import load_weights
         from megatron_xomni.training.resume import describe
-        from megatron_xomni.training.step import load_model_state, load_train_state, model_sharded_state_dict
+        from megatron_xomni.training.step import load_train_state
 
         cfg = self.cfg
         if self.resume_path is not None:
@@ -233,7 +226,7 @@ class Trainer:
                     f"init_from {path} holds a different model config than the recipe: "
                     "set model.* overrides to match the checkpoint"
                 )
-            load_model_state(self.chunks, load_checkpoint(path, model_sharded_state_dict(self.chunks), partial=True))
+            load_weights(self.chunks, path)
             log0(f"[xomni] initialised model from {path}")
 
     # ---- loop ------------------------------------------------------------------------------
