@@ -4,6 +4,7 @@
     xomni chat --bundle B --image photo.png --question "What is in the image?"
     xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/
     xomni train RECIPE [key=value ...]          (megatron_xomni.train)
+    xomni tokenize RECIPE [key=value ...]       (corpus tokenization: tiny_tokenize, xomni_tokenize)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USAGE = 2
-DELEGATED = ("train", "convert", "demo")
+DELEGATED = ("train", "tokenize", "convert", "demo")
 
 
 class UsageError(ValueError):
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e, decoder=True)
 
     for name, text in (("train", "train a recipe: xomni train RECIPE [key=value ...]"),
+                       ("tokenize", "tokenize a corpus: xomni tokenize tiny_tokenize corpus=DIR save_dir=OUT"),
                        ("convert", "convert checkpoints (HF <-> megatron): xomni convert --help"),
                        ("demo", "run the tiny end-to-end pipeline: xomni demo [--out DIR] [--smoke]")):
         sub.add_parser(name, help=text, add_help=False)
@@ -417,6 +419,22 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _tokenize(argv: list[str]) -> int:
+    """`xomni tokenize RECIPE k=v`: `xomni train` restricted to the tokenization stage's recipes."""
+    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig
+    from megatron_xomni.recipes import available_recipes, load_recipe
+
+    names = [n for n in available_recipes() if isinstance(load_recipe(n), TokenizeRunConfig)]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: xomni tokenize RECIPE [key=value ...]   (recipes: " + ", ".join(names) + ")\n\n"
+              + (TokenizeRunConfig.__doc__ or ""))
+        return 0 if argv else EXIT_USAGE
+    if argv[0] not in names:
+        raise UsageError(f"{argv[0]!r} is not a tokenization recipe: choose one of {', '.join(names)} "
+                         "(other stages: xomni train RECIPE)")
+    return _train(argv)
+
+
 def _convert(argv: list[str]) -> int:
     from megatron_xomni.conversion.cli import main as convert_main
 
@@ -455,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_library_warnings()
     if argv and argv[0] in DELEGATED:
         try:
-            return {"train": _train, "convert": _convert, "demo": _demo}[argv[0]](argv[1:]) or 0
+            return {"train": _train, "tokenize": _tokenize, "convert": _convert, "demo": _demo}[argv[0]](argv[1:]) or 0
         except UsageError as e:
             return _error(str(e))
     parser = build_parser()

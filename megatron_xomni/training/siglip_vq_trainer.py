@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
+from megatron_xomni.training.preemption import PreemptionSignal, end_of_step
 from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError
 from megatron_xomni.training.siglip_vq import (PROJECTOR_NAME, TEACHER_WEIGHTS, TokenizerWithProjector, _tensor_state,
                                                broadcast_module, build_llm, evaluate, lm_loss_sum, make_projector,
@@ -86,7 +86,6 @@ class SiglipVQTrainer:
         from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
         from megatron_xomni.parallel import ParallelConfig, initialize_parallel, single_process_env
         from megatron_xomni.training.metrics import MetricsLogger
-        from megatron_xomni.training.preemption import PreemptionSignal
         from megatron_xomni.training.schedule import build_scheduler
 
         cfg = self.cfg
@@ -302,11 +301,7 @@ class SiglipVQTrainer:
                 log0(f"[{cfg.name}] reseed at step {self.step}: window usage {out['codebook/window_usage']:.3f} "
                      f"perplexity {out['codebook/window_perplexity']:.1f}; re-seeded {out['codebook/reseeded']:.0f} "
                      "dead codes")
-            faults.fire("after_step", self.step, cfg.debug_kill)
-            preempted = self.preempt.agreed()
-            if preempted or self.step % cfg.save_interval == 0 or self.step == cfg.steps:
-                self.save()
-            if preempted:
+            if end_of_step(self.step, cfg, self.preempt, self.save):
                 log0(f"[{cfg.name}] preemption signal received: saved at step {self.step}, exiting for requeue")
                 return EXIT_REQUEUE
         self.export(self._evaluate("after") if self.eval_set else None)

@@ -65,12 +65,10 @@ def _cases() -> list:
 def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     """(config, world size) of recipe `name` mapped onto this machine (see the table above)."""
     from megatron_xomni.dataclass_utils import apply_overrides
-    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.rl.trainer import GRPORunConfig
     from megatron_xomni.training.config import ARRunConfig
     from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
-    from megatron_xomni.training.text_tokenizer import TextTokenizerRunConfig
 
     cfg = load_recipe(name)
     if not cfg.DISTRIBUTED:
