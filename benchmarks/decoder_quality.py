@@ -2,7 +2,7 @@
 """Reconstruction quality on held-out built-in world images: the diffusion decoder vs the small
 inspection pixel decoder, both fed the same frozen tokenizer's codes, plus the mean-image baseline.
 
-  python benchmarks/decoder_quality.py --tokenizer runs/demo/image_tokenizer/run/tokenizer \
+  python benchmarks/decoder_quality.py --tokenizer runs/demo/image_tokenizer/run/export/tokenizer \
       --decoder runs/demo/decoder/export [--held-out 64] [--pixel-steps 600]
 
 Prints PSNR (dB) and SSIM (11x11 Gaussian window, sigma 1.5, on luma; Wang et al. 2004).

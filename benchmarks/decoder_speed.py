@@ -74,7 +74,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--full-size needs CUDA (12B parameters in bf16)")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        cfg = decoder_config("full", "image")
+        cfg = decoder_config("xomni", "image")
         with torch.device(device):
             dec = build_decoder(cfg, torch_dtype=dtype)
         grid, steps, batch = (64, 64), args.steps or 28, args.batch or 1

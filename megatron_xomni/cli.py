@@ -5,6 +5,7 @@
     xomni evaluate --bundle B --benchmark world --per-skill 8 --out eval/   (eval.json: rewards, best-of-N, ceiling)
     xomni corpus --images DIR | --jsonl FILE --out CORPUS   (a WebDataset corpus for the trainers)
     xomni train RECIPE [key=value ...]          (megatron_xomni.train; any stage)
+    xomni tokenize RECIPE [key=value ...]       (corpus tokenization: tiny_tokenize, xomni_tokenize)
     xomni submit RECIPE --nodes N [--dry-run] [key=value ...]   (SLURM, any stage)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USAGE = 2
-DELEGATED = ("train", "convert", "demo", "submit")
+DELEGATED = ("train", "tokenize", "convert", "demo", "submit")
 
 
 class UsageError(ValueError):
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     for name, text in (("train", "train a recipe: xomni train RECIPE [key=value ...]"),
+                       ("tokenize", "tokenize a corpus: xomni tokenize tiny_tokenize corpus=DIR save_dir=OUT"),
                        ("convert", "convert checkpoints (HF <-> megatron): xomni convert --help"),
                        ("submit", "submit any recipe to SLURM: xomni submit RECIPE --nodes N [--dry-run] [key=value ...]"),
                        ("demo", "run the tiny end-to-end pipeline: xomni demo [--out DIR] [--smoke]")):
@@ -456,6 +458,22 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _tokenize(argv: list[str]) -> int:
+    """`xomni tokenize RECIPE k=v`: `xomni train` restricted to the tokenization stage's recipes."""
+    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig
+    from megatron_xomni.recipes import available_recipes, load_recipe
+
+    names = [n for n in available_recipes() if isinstance(load_recipe(n), TokenizeRunConfig)]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: xomni tokenize RECIPE [key=value ...]   (recipes: " + ", ".join(names) + ")\n\n"
+              + (TokenizeRunConfig.__doc__ or ""))
+        return 0 if argv else EXIT_USAGE
+    if argv[0] not in names:
+        raise UsageError(f"{argv[0]!r} is not a tokenization recipe: choose one of {', '.join(names)} "
+                         "(other stages: xomni train RECIPE)")
+    return _train(argv)
+
+
 def _convert(argv: list[str]) -> int:
     from megatron_xomni.conversion.cli import main as convert_main
 
@@ -500,7 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_library_warnings()
     if argv and argv[0] in DELEGATED:
         try:
-            return {"train": _train, "convert": _convert, "demo": _demo, "submit": _submit}[argv[0]](argv[1:]) or 0
+            return {"train": _train, "tokenize": _tokenize, "convert": _convert, "demo": _demo,
+                    "submit": _submit}[argv[0]](argv[1:]) or 0
         except UsageError as e:
             return _error(str(e))
     parser = build_parser()

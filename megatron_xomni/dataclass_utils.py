@@ -45,7 +45,8 @@ def _parse_value(text: str, current: Any, annotation) -> Any:
 
 
 # Knobs that were renamed when every stage got one run section: an old name is a one-line error naming
-# the new one (only when the config has no field of the old name).
+# the new one (only when the config has no field of the old name). A stage config adds its own old
+# names in a `RENAMED_FIELDS` class variable (e.g. the SigLIP-VQ trainer's `llm_checkpoint`).
 RENAMED = {
     "train_iters": "steps", "iters": "steps", "num_steps": "steps",
     "save_every": "save_interval", "ckpt_every": "save_interval", "checkpoint_interval": "save_interval",
@@ -55,12 +56,30 @@ RENAMED = {
     "decay_iters": "schedule.decay_steps", "wsd_decay_iters": "schedule.wsd_decay_steps",
     "prompt_seed": "prompts.seed", "prompt_skills": "prompts.skills",
     "prompt_file": "prompts.source", "prompts_file": "prompts.source",
+    "warmup_steps": "schedule.warmup_steps", "weight_decay": "optim.weight_decay", "ckpt_dir": "save_dir",
 }
+# Knobs that are gone: the message says what replaced them.
+REMOVED = {
+    "resume": "a run continues from its save_dir by itself; delete the save_dir (or pick a new one) to start over",
+    "no_resume": "a run continues from its save_dir by itself; pick a new save_dir to start over",
+}
+
+
+def _old_flag(item: str, renamed: dict) -> str:
+    """The error for `--steps 100`-style arguments of the retired argparse tools."""
+    flag = item.split("=", 1)[0]
+    name = flag.lstrip("-").replace("-", "_")
+    if name in REMOVED:
+        return f"`{flag}` is gone: {REMOVED[name]}"
+    return f"`{flag}` is a flag of the old command line: overrides are key=value, write {renamed.get(name, name)}=VALUE"
 
 
 def apply_overrides(cfg, overrides: list[str]):
     """Apply `a.b=value` strings to a dataclass tree in place; unknown keys are errors."""
+    renamed = {**RENAMED, **getattr(type(cfg), "RENAMED_FIELDS", {})}
     for item in overrides:
+        if item.startswith("-"):
+            raise ValueError(_old_flag(item, renamed))
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=1e-5)")
         key, text = item.split("=", 1)
@@ -74,9 +93,11 @@ def apply_overrides(cfg, overrides: list[str]):
             raise ValueError(f"{'.'.join(parts[:-1])} is a value, not a section: drop the .{name}")
         fields_ = {f.name: f for f in dataclasses.fields(obj)}
         if name not in fields_:
-            old = key if key in RENAMED else name
-            if old in RENAMED and (old == key or len(parts) == 1 or RENAMED[old].startswith(parts[-2] + ".")):
-                raise ValueError(f"`{old}` is now `{RENAMED[old]}`: write {RENAMED[old]}={text}")
+            old = key if key in renamed else name
+            if old in renamed and (old == key or len(parts) == 1 or renamed[old].startswith(parts[-2] + ".")):
+                raise ValueError(f"`{old}` is now `{renamed[old]}`: write {renamed[old]}={text}")
+            if key in REMOVED:
+                raise ValueError(f"`{key}` is gone: {REMOVED[key]}")
             close = ", ".join(sorted(fields_)[:12])
             raise ValueError(f"unknown config key {key!r}: {type(obj).__name__} has {close}, ...")
         current = getattr(obj, name)

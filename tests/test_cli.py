@@ -249,6 +249,13 @@ def test_delegation(monkeypatch, capsys):
     monkeypatch.setattr(train, "main", lambda argv: seen.setdefault("train", argv) and 0)
     assert cli.main(["train", "tiny_pt", "train.iters=1"]) == 0
     assert seen["train"] == ["tiny_pt", "train.iters=1"]
+    seen.clear()
+    assert cli.main(["tokenize", "xomni_tokenize", "corpus=c"]) == 0  # the tokenization stage's recipes only
+    assert seen["train"] == ["xomni_tokenize", "corpus=c"]
+    capsys.readouterr()
+    assert cli.main(["tokenize", "tiny_pt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'tiny_pt' is not a tokenization recipe: choose one of tiny_tokenize, xomni_tokenize" in err[0]
 
     with pytest.raises(SystemExit) as exc:  # the real converter's argparse
         cli.main(["convert", "--help"])

@@ -80,18 +80,59 @@ class CaptionBatches:
             next(self._it)
 
 
-def corpus_texts(corpus, num_records: int, max_qa_pairs: int) -> list[str]:
-    """Caption + QA texts of the first `num_records` records (the LLM warm-up set)."""
+def corpus_texts(corpus, num_records: int, max_qa_pairs: int, preprocess_cfg=None) -> list[str]:
+    """Caption + QA texts of the first `num_records` usable records (the LLM warm-up set)."""
     from megatron_xomni.data import CorpusReader, ImagePreprocessConfig
 
     texts = []
-    for sample in CorpusReader(corpus, ImagePreprocessConfig.tiny(), decoder="pillow"):
+    for sample in CorpusReader(corpus, preprocess_cfg or ImagePreprocessConfig.tiny(), decoder="pillow"):
         texts.append(sample_text(sample["caption"], sample["meta"], max_qa_pairs))
         if len(texts) >= num_records:
             break
     if not texts:
         raise ValueError(f"corpus {corpus} yielded no records for the LLM warm-up")
     return texts
+
+
+def corpus_caption_texts(corpus, max_records: int = 0, max_qa_pairs: int = 8) -> list[str]:
+    """Caption and "question answer" texts of a corpus' records, read from the tar fields without decoding
+    any image (what a text tokenizer trains on); max_records 0 reads every record."""
+    import json
+
+    from megatron_xomni.data.corpus import CAPTION_EXT, META_EXT
+    from megatron_xomni.data.reader import _resolve_shards, iter_tar_records
+
+    texts, records = [], 0
+    for shard in _resolve_shards(corpus)[0]:
+        for _, _, parts, _ in iter_tar_records(shard):
+            caption = parts.get(CAPTION_EXT, b"").decode("utf-8", errors="ignore").strip()
+            if not caption:
+                continue
+            try:
+                meta = json.loads(parts[META_EXT]) if META_EXT in parts else {}
+            except ValueError:
+                meta = {}
+            qa = meta.get("qa") if isinstance(meta, dict) else None
+            texts.append(caption)
+            texts.extend(f"{q} {a}" for q, a in (qa or [])[:max_qa_pairs])
+            records += 1
+            if max_records and records >= max_records:
+                return texts
+    if not texts:
+        raise ValueError(f"corpus {corpus} holds no captions")
+    return texts
+
+
+def corpus_eval_set(corpus, n: int, preprocess_cfg=None) -> list[tuple[torch.Tensor, str, dict]]:
+    """The first `n` usable records of a (held-out) corpus as (pixels [3, H, W], caption, meta) triples."""
+    from megatron_xomni.data import CorpusReader, ImagePreprocessConfig
+
+    out = []
+    for sample in CorpusReader(corpus, preprocess_cfg or ImagePreprocessConfig.tiny(), decoder="pillow"):
+        if len(out) >= n:
+            break
+        out.append((sample["pixels"], sample["caption"], sample["meta"] or {}))
+    return out
 
 
 def __getattr__(name: str):

@@ -137,7 +137,7 @@ class XOmniTextTokenizer:
     def from_sentencepiece(cls, model_file: str | os.PathLike) -> "XOmniTextTokenizer":
         import sentencepiece as spm
 
-        fix = "train one with tools/train_text_tokenizer.py"
+        fix = "build one with python -m megatron_xomni.train tiny_text_tokenizer (or xomni_text_tokenizer)"
         path = require_file(model_file, "sentencepiece model", fix)
         try:
             proc = spm.SentencePieceProcessor(model_proto=path.read_bytes())
@@ -179,7 +179,7 @@ class XOmniTextTokenizer:
         if (directory / SPM_NAME).is_file():
             return cls.from_sentencepiece(directory / SPM_NAME)
         raise ValueError(f"{directory} holds no text tokenizer ({META_NAME}, tokenizer.json or {SPM_NAME}); "
-                         "train one with tools/train_text_tokenizer.py")
+                         "build one with python -m megatron_xomni.train tiny_text_tokenizer (or xomni_text_tokenizer)")
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the folder `load` reads; returns it."""

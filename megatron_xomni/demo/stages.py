@@ -21,47 +21,53 @@ def corpus(ctx: DemoContext) -> dict:
     return {"path": str(out), "samples": manifest.num_samples}
 
 
-def text_tokenizer(ctx: DemoContext) -> dict:
-    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+def _run_in_process(recipe: str, overrides: list[str]) -> None:
+    """A non-distributed stage (one process that starts its own workers): run its recipe here."""
+    from megatron_xomni.recipes import load_recipe
+    from megatron_xomni.train import run_config
 
-    d = ctx.dir("text_tokenizer")
-    model = train_sentencepiece(world_texts(num_samples=2000, seed=ctx.cfg.seed), d / "sp", vocab_size=TEXT_VOCAB)
-    tok = XOmniTextTokenizer.from_sentencepiece(model)
-    tok.check_text_vocab(TEXT_VOCAB)
-    tok.save(d / "tokenizer")
-    return {"path": str(d / "tokenizer"), "vocab_size": tok.vocab_size}
+    code = run_config(load_recipe(recipe, overrides))
+    if code != 0:
+        raise RuntimeError(f"{recipe} failed with exit code {code}")
+
+
+def text_tokenizer_path(ctx: DemoContext) -> str:
+    return str(ctx.out / "text_tokenizer" / "tokenizer")
+
+
+def text_tokenizer(ctx: DemoContext) -> dict:
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
+
+    ctx.dir("text_tokenizer")
+    _run_in_process("tiny_text_tokenizer", [f"save_dir={text_tokenizer_path(ctx)}", f"seed={ctx.cfg.seed}",
+                                            f"text_vocab_size={TEXT_VOCAB}"])
+    return {"path": text_tokenizer_path(ctx), "vocab_size": XOmniTextTokenizer.load(text_tokenizer_path(ctx)).vocab_size}
 
 
 def image_tokenizer(ctx: DemoContext) -> dict:
-    d = ctx.dir("image_tokenizer")
     cfg = ctx.cfg
-    ctx.run([sys.executable, "-m", "megatron_xomni.training.siglip_vq_cli", "--corpus", str(ctx.out / "corpus" / "train"),
-             "--out", str(d / "run"), "--steps", str(cfg.tokenizer_steps),
-             "--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"), "--seed", str(cfg.seed),
-             # A frozen random LLM is a weak teacher: warm it up on world captions first.
-             "--llm-warmup-steps", str(max(cfg.tokenizer_steps // 2, 1)), "--eval-world", "32"],
-            "image_tokenizer")
-    summary = d / "run" / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else {"path": str(d / "run")}
+    save = ctx.dir("image_tokenizer") / "run"
+    # A frozen random LLM is a weak teacher: it is warmed up on world captions first (the recipe's rule).
+    ctx.torchrun("tiny_siglip_vq", [
+        f"data.corpus={ctx.out / 'corpus' / 'train'}", f"data.text_tokenizer={text_tokenizer_path(ctx)}",
+        f"save_dir={save}", f"steps={cfg.tokenizer_steps}", f"teacher.warmup_steps={max(cfg.tokenizer_steps // 2, 1)}",
+        f"seed={cfg.seed}", "eval.world_samples=32", f"eval.image_size={cfg.image_size}",
+        f"save_interval={max(cfg.tokenizer_steps // 4, 1)}", f"log_interval={max(cfg.tokenizer_steps // 20, 1)}",
+        f"schedule.warmup_steps={min(20, cfg.tokenizer_steps - 1)}"], "image_tokenizer")
+    return json.loads((save / "export" / "summary.json").read_text())
 
 
 def image_tokenizer_path(ctx: DemoContext) -> str:
-    return str(ctx.out / "image_tokenizer" / "run" / "tokenizer")
+    return str(ctx.out / "image_tokenizer" / "run" / "export" / "tokenizer")
 
 
 def tokenize(ctx: DemoContext) -> dict:
-    from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, tokenize_corpus
-
     d = ctx.dir("tokens")
-    prefix = d / "world"
-    summary = tokenize_corpus(TokenizeConfig(
-        corpus=str(ctx.out / "corpus" / "train"), out_prefix=str(prefix),
-        text_tokenizer=str(ctx.out / "text_tokenizer" / "tokenizer"),
-        image_tokenizer=image_tokenizer_path(ctx), mode="both", workers=1,
-        resume=True, text_vocab_size=TEXT_VOCAB,  # continues an interrupted run; fresh otherwise
-        preprocess="tiny",  # 64 px images: the tiny size rules (X-Omni's would reject them as too small)
-    ))
-    return {"prefix": str(prefix), "summary": summary}
+    _run_in_process("tiny_tokenize", [
+        f"corpus={ctx.out / 'corpus' / 'train'}", f"save_dir={d}", "prefix=world",
+        f"text_tokenizer={text_tokenizer_path(ctx)}", f"image_tokenizer={image_tokenizer_path(ctx)}",
+        f"text_vocab_size={TEXT_VOCAB}"])  # continues an interrupted run; fresh otherwise
+    return {"prefix": str(d / "world"), "summary": json.loads((d / "world.json").read_text())}
 
 
 def _blend(ctx: DemoContext) -> tuple[list, int]:
@@ -102,7 +108,7 @@ def _metrics_summary(save_dir: Path) -> dict:
 
 
 def _artifacts(ctx: DemoContext) -> list[str]:
-    return ["--text-tokenizer", str(ctx.out / "text_tokenizer" / "tokenizer"),
+    return ["--text-tokenizer", text_tokenizer_path(ctx),
             "--image-tokenizer", image_tokenizer_path(ctx), "--decoder", decoder_path(ctx)]
 
 
@@ -136,7 +142,7 @@ def grpo(ctx: DemoContext) -> dict:
     cfg = ctx.cfg
     save = ctx.dir("grpo") / "ckpt"
     ctx.torchrun("tiny_grpo", [
-        f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={ctx.out / 'text_tokenizer' / 'tokenizer'}",
+        f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={text_tokenizer_path(ctx)}",
         f"image_tokenizer={image_tokenizer_path(ctx)}", f"decoder={decoder_path(ctx)}", f"save_dir={save}",
         f"steps={cfg.grpo_steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
         f"grpo.micro_batch_size={cfg.grpo_group}",
@@ -161,7 +167,7 @@ def _curve(ax, path: Path, key: str, label: str) -> None:
 def make_bundle(ctx: DemoContext) -> Path:
     """`<out>/bundle`: the GRPO policy and its frozen parts in the layout `xomni generate --bundle` reads."""
     bundle = ctx.dir("bundle")
-    parts = {"model": ctx.out / "grpo" / "ckpt", "text_tokenizer": ctx.out / "text_tokenizer" / "tokenizer",
+    parts = {"model": ctx.out / "grpo" / "ckpt", "text_tokenizer": Path(text_tokenizer_path(ctx)),
              "image_tokenizer": Path(image_tokenizer_path(ctx)), "decoder": Path(decoder_path(ctx))}
     for name, target in parts.items():
         link = bundle / name

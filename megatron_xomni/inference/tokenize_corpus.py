@@ -19,9 +19,12 @@ generation only). Each image is encoded once for both.
 
 Determinism: a shard's documents depend only on the shard (its records in order, fixed batching inside the
 shard, a fixed torch thread count per worker), and the merge order is the shard order, so the final files
-are byte-identical for any worker count. Resume: `resume=True` keeps the parts whose marker exists and
-redoes the others (a part without marker, e.g. from a killed worker, is overwritten); the run's settings
-are fingerprinted in the parts folder so a resume with other inputs is refused.
+are byte-identical for any worker count. Resume: a run keeps the parts whose marker exists and redoes the
+others (a part without marker, e.g. from a killed worker, is overwritten); the run's settings are
+fingerprinted in the parts folder (and in the summary) so a resume with other inputs is refused.
+
+<out_prefix> is <save_dir>/<prefix> of a TokenizeRunConfig (the stage's run config, recipes `tiny_tokenize`
+and `xomni_tokenize`: `python -m megatron_xomni.train tiny_tokenize corpus=... save_dir=...`).
 """
 from __future__ import annotations
 
@@ -31,15 +34,16 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
 from megatron_xomni.data.sequence import FormatError, SequenceFormat, build_generation, build_understanding, qa_turns
+from megatron_xomni.training import faults
+from megatron_xomni.training.run import EXIT_OK, RunSection
 
 MODES = ("generation", "understanding")
 # what a worker imports; preloaded once by the forkserver
@@ -48,35 +52,44 @@ _WORKER_MODULES = ("torch", "megatron.core.datasets.indexed_dataset", "megatron_
                    "megatron_xomni.inference.tokenize_corpus")
 PARTS_SUFFIX = ".parts"
 FINGERPRINT_NAME = "run.json"
-# Fault injection for the kill/resume tests: "shards=N" SIGKILLs this process right after the N-th
-# shard of this run is published, "merge" after the first final file is written but before the
-# summary. A real SIGKILL (no cleanup, no finally blocks) at a chosen point, not a timing race.
-KILL_ENV = "XOMNI_TOKENIZE_KILL_AT"
 
 
 @dataclass
-class TokenizeConfig:
-    """One offline tokenization run (tools/tokenize_corpus.py maps its flags onto these fields)."""
+class TokenizeRunConfig(RunSection):
+    """One offline tokenization run: `python -m megatron_xomni.train tiny_tokenize corpus=... save_dir=...`.
 
-    corpus: str
+    How the run section maps: `save_dir` is the output folder (files `<save_dir>/<prefix>_<mode>.*` and
+    `<save_dir>/<prefix>.json`); a run always continues from its completed shards there (the unit of work
+    and of resume is a corpus shard; a finished output is returned as is); `seed` seeds a preset image
+    tokenizer's random init; `debug_kill=after_step:N` SIGKILLs the run after the N-th shard it
+    publishes, `in_save:N` in the middle of the final merge (N = the number of shards). `steps`,
+    `save_interval`, `keep_last` and `log_interval` do not apply: tokenization is not iterative.
+    One process, which starts `workers` worker processes itself (DISTRIBUTED = False: no torchrun).
+    """
+
+    RUNNER: ClassVar[str] = "megatron_xomni.inference.tokenize_corpus:run_tokenize"
+    DISTRIBUTED: ClassVar[bool] = False
+    RENAMED_FIELDS: ClassVar[dict] = {"out_prefix": "save_dir", "init_seed": "seed", "quiet": "progress"}
+
+    name: str = "tokenize"
+    save_dir: str = "runs/tokens"
+    corpus: str = ""
     """Corpus directory written by megatron_xomni.data (index.json + shard-*.tar)."""
-    out_prefix: str
-    """Output prefix; files are <out_prefix>_<mode>.{bin,idx} (+ _lossmask) and <out_prefix>.json."""
-    text_tokenizer: str
-    """Folder of the text tokenizer (XOmniTextTokenizer.save output, or a local HF tokenizer folder)."""
-    image_tokenizer: str
-    """SiglipVQTokenizer checkpoint folder (save_pretrained), or a preset name ("tiny", "xomni") for a
-    randomly initialised tokenizer seeded with `init_seed` (tests, smoke runs)."""
+    text_tokenizer: str = ""
+    """Folder of the text tokenizer (the text-tokenizer stage's save_dir, or a local HF tokenizer folder)."""
+    image_tokenizer: str = ""
+    """SiglipVQTokenizer checkpoint folder (the SigLIP-VQ stage's <save_dir>/export/tokenizer), or a preset
+    name ("tiny", "xomni") for a randomly initialised tokenizer seeded with `seed` (tests, smoke runs)."""
+    prefix: str = "tokens"
+    """File name stem of the outputs inside save_dir."""
     mode: str = "both"
     """generation | understanding | both."""
     workers: int = 1
     """Worker processes; 1 runs in this process."""
-    resume: bool = False
-    """Continue an interrupted run from its completed shards (otherwise an existing run is an error)."""
-    text_vocab_size: int | None = None
+    text_vocab_size: Optional[int] = None
     """Model text table size (image code k -> id text_vocab_size + k). Must equal model.text_vocab_size
     (Qwen2.5: 152064; tiny preset: 512). None: the tokenizer's vocabulary rounded up to a multiple of 128."""
-    preprocess: str | None = None
+    preprocess: Optional[str] = None
     """Image preprocessing rules: "tiny" or "xomni" (ImagePreprocessConfig); None: "tiny" for the tiny
     image tokenizer preset, else "xomni"."""
     device: str = "cpu"
@@ -85,14 +98,16 @@ class TokenizeConfig:
     """Images per encode call (consecutive same-size images of one shard)."""
     threads_per_worker: int = 1
     """torch CPU threads per worker (fixed so results do not depend on the machine's core count)."""
-    init_seed: int = 0
-    """Seed of the random init when image_tokenizer is a preset name."""
     decoder: str = "pillow"
     """Image decoder of the corpus reader (pillow | dali | auto)."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar and the final report."""
     format: dict = field(default_factory=dict)
     """Extra SequenceFormat fields (qa_separator, caption_question, supervise_eos_in_generation, ...)."""
+
+    @property
+    def out_prefix(self) -> str:
+        return str(Path(self.save_dir) / self.prefix)
 
     def modes(self) -> tuple[str, ...]:
         if self.mode == "both":
@@ -100,6 +115,43 @@ class TokenizeConfig:
         if self.mode in MODES:
             return (self.mode,)
         raise ValueError(f"mode must be generation, understanding or both, got {self.mode!r}")
+
+    def validate(self, world_size: int = 1) -> None:
+        """One-line ValueError (types and values only; no paths)."""
+        from megatron_xomni.dataclass_utils import check_numbers
+
+        self.validate_run()
+        if world_size > 1:
+            raise ValueError("tokenization is one process that starts its own workers: run it without torchrun "
+                             "(python -m megatron_xomni.train RECIPE ...) and set workers=N")
+        self.modes()
+        check_numbers({"workers": self.workers, "batch_size": self.batch_size,
+                       "threads_per_worker": self.threads_per_worker}, 1)
+        check_numbers({"text_vocab_size": self.text_vocab_size}, 1, optional=True)
+        for name in ("corpus", "text_tokenizer", "image_tokenizer", "prefix"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} is empty: set {name}=...")
+        if "/" in self.prefix:
+            raise ValueError(f"prefix={self.prefix!r} is a file name stem inside save_dir: drop the folder part")
+        if self.preprocess not in (None, "tiny", "xomni"):
+            raise ValueError(f"preprocess must be 'tiny' or 'xomni', got {self.preprocess!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: use cpu or cuda")
+        if not isinstance(self.format, dict):
+            raise ValueError("format must be a JSON object of SequenceFormat fields")
+
+    def check_paths(self) -> None:
+        from megatron_xomni.training.run import InputError
+
+        if not (Path(self.corpus) / "index.json").is_file():
+            raise InputError(f"corpus={self.corpus} is not a corpus folder (no index.json): build one with "
+                             "xomni corpus, or fix the path")
+        if not Path(self.text_tokenizer).is_dir():
+            raise InputError(f"text_tokenizer={self.text_tokenizer} is not a folder: train the text tokenizer "
+                             "first (python -m megatron_xomni.train tiny_text_tokenizer)")
+        if not Path(self.image_tokenizer).is_dir() and self.image_tokenizer not in ("tiny", "xomni"):
+            raise InputError(f"image_tokenizer={self.image_tokenizer} is neither a folder nor a preset name "
+                             "('tiny', 'xomni'): train the SigLIP-VQ tokenizer first and pass its export/tokenizer")
 
 
 def output_prefix(out_prefix: str | os.PathLike, mode: str) -> str:
@@ -134,7 +186,7 @@ def load_image_tokenizer(spec: str, device: str = "cpu", init_seed: int = 0):
     return tok
 
 
-def _preprocess_config(cfg: TokenizeConfig, patch_size: int):
+def _preprocess_config(cfg: TokenizeRunConfig, patch_size: int):
     from megatron_xomni.data import ImagePreprocessConfig
 
     name = cfg.preprocess or ("tiny" if cfg.image_tokenizer == "tiny" else "xomni")
@@ -163,12 +215,12 @@ def _file_digest(paths) -> str:
 class _ShardWorker:
     """Everything one process needs to tokenize shards (built once per process)."""
 
-    def __init__(self, cfg: TokenizeConfig, fmt: SequenceFormat, device: str):
+    def __init__(self, cfg: TokenizeRunConfig, fmt: SequenceFormat, device: str):
         from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
 
         self.cfg, self.fmt, self.device = cfg, fmt, device
         self.text = XOmniTextTokenizer.load(cfg.text_tokenizer)
-        self.image = load_image_tokenizer(cfg.image_tokenizer, device, cfg.init_seed)
+        self.image = load_image_tokenizer(cfg.image_tokenizer, device, cfg.seed)
         self.pp = _preprocess_config(cfg, self.image.cfg.patch_size)
         self.parts = Path(f"{cfg.out_prefix}{PARTS_SUFFIX}")
 
@@ -235,7 +287,7 @@ def _init_worker(cfg_dict: dict, fmt_dict: dict, device_queue) -> None:
     global _WORKER
     import torch
 
-    cfg = TokenizeConfig(**cfg_dict)
+    cfg = TokenizeRunConfig(**cfg_dict)
     torch.set_num_threads(cfg.threads_per_worker)
     slot = device_queue.get()
     device = cfg.device
@@ -255,24 +307,18 @@ def tokenize_shard(worker: _ShardWorker, shard_idx: int, num_shards: int) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _maybe_kill(point: str, published: int = 0) -> None:
-    at = os.environ.get(KILL_ENV, "")
-    if at == point or (point == "shards" and at == f"shards={published}"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
-def _fingerprint(cfg: TokenizeConfig, fmt: SequenceFormat, text_tok, shard_names: list[str]) -> dict:
+def _fingerprint(cfg: TokenizeRunConfig, fmt: SequenceFormat, text_tok, shard_names: list[str]) -> dict:
     """What the parts depend on; a resume must match it exactly."""
     text_files = [p for p in Path(cfg.text_tokenizer).iterdir() if p.is_file() and not p.name.endswith(".tmp")]
     img = Path(cfg.image_tokenizer)
     image_id = ({"checkpoint": _file_digest([p for p in img.iterdir() if p.is_file()])} if img.is_dir()
-                else {"preset": cfg.image_tokenizer, "init_seed": cfg.init_seed})
+                else {"preset": cfg.image_tokenizer, "init_seed": cfg.seed})
     return {
         "corpus_shards": shard_names,
         "modes": list(cfg.modes()),
@@ -286,7 +332,7 @@ def _fingerprint(cfg: TokenizeConfig, fmt: SequenceFormat, text_tok, shard_names
     }
 
 
-def _format_for(cfg: TokenizeConfig, text_tok, image_vocab_size: int) -> SequenceFormat:
+def _format_for(cfg: TokenizeRunConfig, text_tok, image_vocab_size: int) -> SequenceFormat:
     tv = cfg.text_vocab_size
     if tv is None:
         tv = -(-text_tok.vocab_size // 128) * 128
@@ -304,25 +350,15 @@ def _image_vocab_size(spec: str) -> int:
     return tokenizer_config(spec).codebook_size
 
 
-def tokenize_corpus(cfg: TokenizeConfig) -> dict:
+def tokenize_corpus(cfg: TokenizeRunConfig) -> dict:
     """Run (or resume) the whole pipeline; returns the summary written to <out_prefix>.json."""
     from megatron_xomni.data import CorpusReader, SkipReport
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
 
-    if cfg.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
-    if cfg.batch_size < 1 or cfg.threads_per_worker < 1:
-        raise ValueError("batch_size and threads_per_worker must be >= 1")
+    cfg.validate()
     modes = cfg.modes()
     final_summary = summary_path(cfg.out_prefix)
     parts = Path(f"{cfg.out_prefix}{PARTS_SUFFIX}")
-    if final_summary.is_file():
-        if cfg.resume:
-            return json.loads(final_summary.read_text())
-        raise ValueError(f"{final_summary} exists: this output is complete; pick another out_prefix or delete it")
-    if parts.is_dir() and not cfg.resume:
-        raise ValueError(f"{parts} holds an interrupted run; pass --resume to continue it or delete the folder")
-
     text_tok = XOmniTextTokenizer.load(cfg.text_tokenizer)
     fmt = _format_for(cfg, text_tok, _image_vocab_size(cfg.image_tokenizer))
     reader = CorpusReader(cfg.corpus)
@@ -332,12 +368,20 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         raise ValueError(f"corpus {cfg.corpus} has no shards")
     total_records = sum(c or 0 for c in reader.expected_counts)
 
-    fingerprint = _fingerprint(cfg, fmt, text_tok, names)
+    # the run continues from what save_dir holds, provided it was made from the same inputs and settings
+    fingerprint = json.loads(json.dumps(_fingerprint(cfg, fmt, text_tok, names), sort_keys=True))
+    if final_summary.is_file():
+        done = json.loads(final_summary.read_text())
+        if done.get("fingerprint") != fingerprint:
+            raise ValueError(f"{final_summary} is a finished tokenization of other inputs or settings: pick another "
+                             "save_dir (or prefix), or delete it")
+        return done
     parts.mkdir(parents=True, exist_ok=True)
     fp_path = parts / FINGERPRINT_NAME
     if fp_path.is_file():
-        if json.loads(fp_path.read_text()) != json.loads(json.dumps(fingerprint, sort_keys=True)):
-            raise ValueError(f"{parts} was started with other inputs or settings; delete it to start over")
+        if json.loads(fp_path.read_text()) != fingerprint:
+            raise ValueError(f"{parts} was started with other inputs or settings; delete it to start over, or "
+                             "pick another save_dir")
     else:
         _write_json(fp_path, fingerprint)
 
@@ -360,13 +404,13 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
                 for n, i in enumerate(todo, 1):
                     markers[i] = tokenize_shard(worker, i, num_shards)
                     bar.update(reader.expected_counts[i] or 0)
-                    _maybe_kill("shards", n)
+                    faults.fire("after_step", n, cfg.debug_kill)
         elif todo:
             _run_pool(cfg, fmt, todo, num_shards, markers, bar, reader.expected_counts)
     finally:
         bar.close()
 
-    summary = _merge(cfg, fmt, modes, parts, num_shards, markers, text_tok)
+    summary = _merge(cfg, fmt, modes, parts, num_shards, markers, text_tok, fingerprint)
     report = SkipReport.from_dict(summary["skip_report"])
     if cfg.progress:
         print(f"tokenized {cfg.corpus} -> {cfg.out_prefix}: " + ", ".join(
@@ -410,14 +454,14 @@ def _run_pool(cfg, fmt, todo, num_shards, markers, bar, expected_counts) -> None
                     markers[i] = fut.result()  # re-raises a worker's error; finished shards keep their markers
                     bar.update(expected_counts[i] or 0)
                     published += 1
-                    _maybe_kill("shards", published)
+                    faults.fire("after_step", published, cfg.debug_kill)
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
 
 
-def _merge(cfg, fmt, modes, parts: Path, num_shards: int, markers: dict[int, dict], text_tok) -> dict:
+def _merge(cfg, fmt, modes, parts: Path, num_shards: int, markers: dict[int, dict], text_tok, fingerprint) -> dict:
     """Concatenate the parts in shard order into the final files, write the summary, drop the parts."""
     from megatron_xomni.data import SkipReport
     from megatron_xomni.data.token_files import TokenFileWriter
@@ -450,7 +494,7 @@ def _merge(cfg, fmt, modes, parts: Path, num_shards: int, markers: dict[int, dic
                 writer.mask.add_index(part + "_lossmask")
                 writer.documents += markers[i]["modes"][m]["documents"]
             writer.finalize()
-            _maybe_kill("merge")
+            faults.fire("in_save", num_shards, cfg.debug_kill)  # a final file written, no summary yet
     finally:
         gc.unfreeze()
     summary = {
@@ -464,7 +508,20 @@ def _merge(cfg, fmt, modes, parts: Path, num_shards: int, markers: dict[int, dic
         "format": asdict(fmt),
         "num_shards": num_shards,
         "skip_report": report.to_dict(),
+        "fingerprint": fingerprint,
     }
     _write_json(summary_path(cfg.out_prefix), summary)
     shutil.rmtree(parts)
     return summary
+
+
+def run_tokenize(cfg: TokenizeRunConfig) -> int:
+    """The stage's RUNNER (python -m megatron_xomni.train RECIPE): checks, tokenizes, prints the blend."""
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    cfg.check_paths()
+    summary = tokenize_corpus(cfg)
+    Path(cfg.save_dir, "run_config.json").write_text(cfg.to_json())
+    if cfg.progress:
+        print("blend:", " ".join(summary["blend"].values()), f"(eod_id {summary['eod_id']}, "
+              f"text_vocab_size {summary['text_vocab_size']})", flush=True)
+    return EXIT_OK

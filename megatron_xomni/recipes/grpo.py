@@ -31,7 +31,7 @@ def xomni_7b_grpo() -> GRPORunConfig:
     when the job starts; submit and --dry-run check only the layout and types.
     """
     return GRPORunConfig(
-        name="xomni_7b_grpo", model=model_preset("xomni_7b"), parallel=ParallelConfig(tensor_parallel=4),
+        name="xomni_7b_grpo", model=model_preset("xomni"), parallel=ParallelConfig(tensor_parallel=4),
         optim=OptimConfig(lr=1e-6, min_lr=1e-6, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True),
         grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.2, kl_beta=0.01, loss_aggregation="sequence"),
         sampling=SamplingConfig(temperature=1.0, min_p=0.03), group_size=16, prompts_per_step=32, steps=200,
@@ -56,6 +56,6 @@ def tiny_grpo() -> GRPORunConfig:
         sampling=SamplingConfig(temperature=1.0, min_p=0.03), group_size=8, prompts_per_step=8, steps=20,
         image_height=64, image_width=64, decoder_steps=8, rewards={"world_alignment": 1.0},
         prompts=PromptConfig(skills=["single_object", "two_objects", "counting", "colors", "position", "color_attr"]),
-        init_from="runs/tiny/sft", text_tokenizer="runs/tiny/text_tokenizer", image_tokenizer="runs/tiny/image_tokenizer",
+        init_from="runs/tiny/sft", text_tokenizer="runs/tiny/text_tokenizer", image_tokenizer="runs/tiny/siglip_vq/export/tokenizer",
         decoder="runs/tiny/decoder", save_dir="runs/tiny/grpo", save_interval=5,
     )

@@ -14,7 +14,8 @@ def tiny_pt() -> ARRunConfig:
         model=model_preset("tiny"),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
         schedule=ScheduleConfig(style="cosine", warmup_steps=10),
-        data=DataConfig(blend=["runs/tiny/data/world"], seq_length=64, micro_batch_size=8,
+        data=DataConfig(blend=[0.7, "runs/tiny/tokens/world_generation", 0.3, "runs/tiny/tokens/world_understanding"],
+                        seq_length=64, micro_batch_size=8,
                         global_batch_size=16, eod_id=1),
         steps=200, save_interval=50, log_interval=10, save_dir="runs/tiny/pt",
         peak_tflops=1.0,  # a CPU, not an H100: MFU is then "of 1 TFLOP/s"

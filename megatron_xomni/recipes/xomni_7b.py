@@ -16,12 +16,12 @@ from megatron_xomni.training.optim import OptimConfig
 def _base(name: str) -> ARRunConfig:
     return ARRunConfig(
         name=name,
-        model=model_preset("xomni_7b"),
+        model=model_preset("xomni"),
         parallel=ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=2),
         optim=OptimConfig(lr=1e-4, min_lr=1e-4, weight_decay=0.1, clip_grad=1.0,
                           use_distributed_optimizer=True, overlap_grad_reduce=True),
         schedule=ScheduleConfig(style="constant", warmup_steps=500),
-        data=DataConfig(blend=["data/xomni/generation"], seq_length=16384, micro_batch_size=1,
+        data=DataConfig(blend=["data/xomni/pretrain_generation"], seq_length=16384, micro_batch_size=1,
                         global_batch_size=256, eod_id=151643),
         precision="bf16", save_interval=500, log_interval=10, keep_last=3,
         init_from="ckpt/qwen2.5-7b-xomni", save_dir=f"runs/{name}",
@@ -41,7 +41,7 @@ def xomni_7b_pt2() -> ARRunConfig:
     """PT-2: everything, generation + understanding, 150K steps (629B tokens), 1e-4 const."""
     cfg = _base("xomni_7b_pt2")
     cfg.steps, cfg.init_from = 150_000, "runs/xomni_7b_pt1"
-    cfg.data.blend = [0.86, "data/xomni/generation", 0.14, "data/xomni/understanding"]
+    cfg.data.blend = [0.86, "data/xomni/pretrain_generation", 0.14, "data/xomni/pretrain_understanding"]
     return cfg
 
 

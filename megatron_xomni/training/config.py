@@ -22,7 +22,7 @@ from megatron_xomni.training.schedule import ScheduleConfig  # noqa: F401  (reci
 
 @dataclass
 class DataConfig:
-    """Token data (files written by tools/tokenize_corpus.py) and batch shape."""
+    """Token data (files written by the tokenize stage: python -m megatron_xomni.train tiny_tokenize) and batch shape."""
 
     blend: list = field(default_factory=list)
     """Token file prefixes, optionally weighted: [w1, prefix1, w2, prefix2, ...]."""

@@ -8,10 +8,11 @@ one checkpoint and exit with EXIT_REQUEUE, which the sbatch template turns into 
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from megatron_xomni.training import faults
 from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE  # noqa: F401  (re-exported)
 
 
@@ -31,3 +32,14 @@ class PreemptionSignal:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return bool(flag.item())
+
+
+def end_of_step(step: int, run, preempt: PreemptionSignal, save: Callable[[], object]) -> bool:
+    """What every trainer does after step `step` of a run section `run`: the `after_step` fault point,
+    the ranks' preemption agreement, a checkpoint when due (save_interval, the last step, a signal).
+    Returns True when the run must now exit with EXIT_REQUEUE."""
+    faults.fire("after_step", step, run.debug_kill)
+    preempted = preempt.agreed()
+    if preempted or step % run.save_interval == 0 or step == run.steps:
+        save()
+    return preempted

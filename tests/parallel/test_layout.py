@@ -5,7 +5,7 @@ import pytest
 from megatron_xomni.models.xomni import model_preset
 from megatron_xomni.parallel import LayoutError, ParallelConfig
 
-M7B = model_preset("xomni_7b")  # 28 heads, 4 KV heads, 28 + 8 layers
+M7B = model_preset("xomni")  # 28 heads, 4 KV heads, 28 + 8 layers
 
 
 def _validate(par, world, seq=16384, have_te=False, mb=None):

@@ -19,8 +19,19 @@ def _plain(rank, world, path):
 
 
 def plain_state(folder: Path) -> dict:
-    """Every entry of a dist-ckpt folder (model and optimizer), flattened to dotted keys."""
+    """Every entry of a checkpoint folder (model and optimizer), flattened to dotted keys: a megatron-core
+    dist-ckpt, or a torch DCP payload in <folder>/dcp (converted offline, no process group)."""
+    if (folder / "dcp").is_dir():
+        import torch
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(folder / "dcp", folder.parent / f"{folder.name}.pt")
+        return flatten(torch.load(folder.parent / f"{folder.name}.pt", weights_only=True))
     (state,) = run_ranks(_plain, 1, str(folder))
+    return flatten(state)
+
+
+def flatten(state) -> dict:
     flat = {}
 
     def walk(prefix, node):

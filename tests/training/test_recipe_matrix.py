@@ -14,9 +14,28 @@ sequence parallelism and dtype policy (bf16 mixed precision runs on CPU too). Wh
 | data (16K tokens, 256 x batch) | synthetic tokens, seq 64, global batch 8      | CPU                                    |
 | init_from (converted Qwen/PT)  | a random tiny checkpoint                      | no real weights here                   |
 
-GRPO recipes run on a tiny random bundle (SFT checkpoint, tokenizers, decoder) built here, with the world
-reward only (a recipe's prompt file becomes world prompts written as JSONL, its HF reward models are not here), for 4
-steps instead of 6. One extra case runs PT-1 (frozen LM, distributed optimizer) with interleaved
+GRPO recipes run on a tiny random bundle (SFT checkpoint, tokenizers, decoder) built here, for 4
+steps instead of 6.
+
+SigLIP-VQ recipes (DCP checkpoints of tokenizer + projector + AdamW) keep their teacher source, projector,
+schedule style, re-seeding rule and eval sets:
+
+| recipe setting                       | in the test                                     | why                          |
+|--------------------------------------|-------------------------------------------------|------------------------------|
+| tokenizer preset xomni (SigLIP2-g)   | tiny preset, still loaded from a local SigLIP   | CPU                          |
+|   from `tokenizer.siglip_path`       |   checkpoint (transformers, 4x4 grid resized)   |                              |
+| teacher Qwen2.5-1.5B (converted)     | the random tiny init checkpoint (dist-ckpt)     | no real weights here         |
+| teacher warm-up (tiny: 300 steps)    | 2 steps                                         | CPU                          |
+| X-Omni image sizes, 256 images/step  | 64 px world corpus, tiny rules, 4 images/step   | CPU                          |
+| re-seeding every 50/200 steps        | every 3 steps (one re-seed each side of a kill) | exercise per-rank usage state |
+
+Tokenization and the text tokenizer are not iterative (DISTRIBUTED = False: one process): their check is
+"SIGKILL at a seeded fault point, rerun, get byte-identical outputs". Tokenization is killed after its
+k-th published shard (`after_step:k`) or in the final merge (`in_save`); the rerun redoes only the
+missing shards. The text tokenizer is killed after writing its folder but before publishing it
+(`in_save:1`); the rerun rebuilds it and must produce the same bytes. X-Omni's tokenization (8 GPU
+workers, Qwen2.5 tokenizer, trained SigLIP-VQ) runs with 2 CPU workers on the tiny tokenizers; X-Omni's
+text tokenizer (a local Qwen2.5 tokenizer folder) reads a small byte-level BPE HF folder built here. One extra case runs PT-1 (frozen LM, distributed optimizer) with interleaved
 pipeline stages (PP 2 x VPP 2, DP 2), the layout no recipe ships but users set on the command line.
 A recipe of a config type this file does not know fails, so new stages must join the matrix.
 """
@@ -35,7 +54,7 @@ from megatron_xomni.recipes import available_recipes, load_recipe
 from tests.multirank import run_ranks
 from tests.training.checkpoints import assert_same_state, plain_state
 
-STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4}
+STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4, "SiglipVQRunConfig": 6}
 VPP = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2",
        "parallel.virtual_pipeline_parallel=2"]
 
@@ -50,8 +69,13 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.rl.trainer import GRPORunConfig
     from megatron_xomni.training.config import ARRunConfig
+    from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
 
     cfg = load_recipe(name)
+    if not cfg.DISTRIBUTED:
+        return _shrunk_one_process(cfg, root, save_dir, kill), 1
+    if isinstance(cfg, SiglipVQRunConfig):
+        return _shrunk_siglip_vq(cfg, root, save_dir, kill), 2
     cfg.model = model_preset("tiny")
     apply_overrides(cfg, extra)
     p = cfg.parallel
@@ -86,6 +110,51 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     pytest.fail(f"recipe {name} has config type {type(cfg).__name__}: add its shrink rule to this matrix")
 
 
+def _shrunk_siglip_vq(cfg, root: Path, save_dir: Path, kill: str):
+    cfg.save_dir, cfg.debug_kill, cfg.steps = str(save_dir), kill, STEPS["SiglipVQRunConfig"]
+    cfg.save_interval, cfg.log_interval, cfg.keep_last = 2, 1, 2
+    t = cfg.tokenizer
+    if t.preset != "tiny":  # the X-Omni recipe: SigLIP2 weights from a local checkpoint, here a tiny one
+        t.siglip_path = str(root / "siglip")
+    t.preset = "tiny"
+    t.overrides = {**t.overrides, "skip_quant_prob": 0.5}  # exercise the per-rank quantizer RNG
+    if cfg.teacher.checkpoint:
+        cfg.teacher.checkpoint = str(root / "init")
+    cfg.teacher.warmup_steps = min(cfg.teacher.warmup_steps, 2)
+    cfg.teacher.warmup_records, cfg.teacher.warmup_batch_size = 32, 8
+    d = cfg.data
+    d.corpus, d.text_tokenizer, d.preprocess = str(root / "corpus"), str(root / "text"), "tiny"
+    d.batch_size, d.max_text_tokens = 4, min(d.max_text_tokens, 64)
+    s = cfg.schedule
+    s.warmup_steps, s.decay_steps = min(s.warmup_steps, 1), None
+    c = cfg.codebook
+    c.reseed_every = 3
+    c.reseed_until = None if c.reseed_until is None else 4
+    e = cfg.eval
+    e.world_samples = min(e.world_samples, 4)
+    e.corpus = str(root / "corpus") if e.corpus else None
+    e.corpus_samples, e.batch_size = 4, 4
+    return cfg
+
+
+def _shrunk_one_process(cfg, root: Path, save_dir: Path, kill: str):
+    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig
+    from megatron_xomni.training.text_tokenizer import TextTokenizerRunConfig
+
+    cfg.save_dir, cfg.debug_kill = str(save_dir), kill
+    if isinstance(cfg, TokenizeRunConfig):
+        cfg.corpus, cfg.text_tokenizer, cfg.image_tokenizer = str(root / "corpus"), str(root / "text"), str(root / "imgtok")
+        cfg.device, cfg.preprocess, cfg.text_vocab_size = "cpu", "tiny", 512
+        cfg.workers, cfg.batch_size, cfg.progress = min(cfg.workers, 2), 4, False
+        return cfg
+    if isinstance(cfg, TextTokenizerRunConfig):
+        if cfg.source == "hf":
+            cfg.hf_path, cfg.text_vocab_size = str(root / "hf_text"), 512
+        cfg.world_samples = min(cfg.world_samples, 200)
+        return cfg
+    pytest.fail(f"recipe of {type(cfg).__name__}: add its one-process shrink rule to this matrix")
+
+
 def _make_init(rank, world, root):
     from megatron_xomni.checkpointing import save_checkpoint
     from megatron_xomni.models.xomni import model_preset
@@ -101,7 +170,7 @@ def _make_init(rank, world, root):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Token data (a weighted blend of two files), a tiny init checkpoint and a tiny GRPO bundle."""
-    from megatron_xomni.data.prompts import PromptConfig, make_prompt_source
+    from megatron_xomni.data import write_world_corpus
     from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
     from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
@@ -115,28 +184,56 @@ def world(tmp_path_factory):
     build_decoder(decoder_config("tiny", "image")).save_pretrained(root / "decoder")
     XOmniTextTokenizer.from_sentencepiece(train_sentencepiece(world_texts(400), root / "sp", vocab_size=512)).save(root / "text")
     run_ranks(_make_init, 1, str(root))
-    rows = make_prompt_source(PromptConfig(skills=["counting", "colors", "position"])).rows(range(16))
-    (root / "world_prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "include", "text")}) + "\n"
-                                                      for r in rows))
+    write_world_corpus(root / "corpus", 64, seed=0, samples_per_shard=16)  # 4 shards
+    _write_siglip(root / "siglip")
+    _write_hf_text_tokenizer(root / "hf_text", world_texts(200))
     return root
 
 
-def _train(rank, world, cfg):
-    from megatron_xomni.rl.trainer import GRPORunConfig, train_grpo
-    from megatron_xomni.training.trainer import train
+def _write_siglip(folder: Path) -> None:
+    """A local transformers SigLIP vision checkpoint of the tiny tokenizer's encoder shape (4x4 positions)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    return (train_grpo if isinstance(cfg, GRPORunConfig) else train)(cfg)
+    torch.manual_seed(1)
+    SiglipVisionModel(SiglipVisionConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=128)).save_pretrained(folder)
+
+
+def _write_hf_text_tokenizer(folder: Path, texts: list) -> None:
+    """A byte-level BPE tokenizer folder (the Qwen2.5 kind, without X-Omni's specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(folder)
+
+
+def _train(rank, world, cfg):
+    from megatron_xomni.train import run_config  # the same dispatch as python -m megatron_xomni.train
+
+    return run_config(cfg)
+
+
+def _loss(rec: dict):
+    return rec.get("train_loss", rec.get("grpo_loss"))
 
 
 def _losses(save_dir: Path) -> dict[int, float]:
+    """The last logged training loss per iteration (eval records carry none)."""
     out = {}
     for line in (save_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["iteration"]] = rec.get("train_loss", rec.get("grpo_loss"))
+        if _loss(rec) is not None:
+            out[rec["iteration"]] = _loss(rec)
     return out
 
 
 def _final_state(save_dir: Path, steps: int) -> dict:
+    """Every tensor of the final checkpoint (model and optimizer) as a plain global tensor."""
     return plain_state(save_dir / f"iter_{steps:07d}")
 
 
@@ -144,6 +241,8 @@ def _final_state(save_dir: Path, steps: int) -> dict:
 @pytest.mark.parametrize("name, extra", _cases())
 def test_recipe_survives_sigkill_and_resumes_bit_identical(world, name, extra, tmp_path):
     cfg, nproc = _shrunk(name, world, tmp_path / "ref", extra)
+    if not cfg.DISTRIBUTED:
+        return _check_one_process_stage(name, world, tmp_path)
     assert run_ranks(_train, nproc, cfg, timeout=400) == [0] * nproc
 
     rng = random.Random(zlib.crc32(name.encode()))  # a seeded step per recipe, past at least one checkpoint
@@ -158,18 +257,22 @@ def test_recipe_survives_sigkill_and_resumes_bit_identical(world, name, extra, t
 
     resumed, _ = _shrunk(name, world, tmp_path / "killed", extra)
     assert run_ranks(_train, nproc, resumed, timeout=400) == [0] * nproc
+    kept = sorted(p.name for p in (tmp_path / "killed").glob("iter_*"))
+    assert kept == [f"iter_{i:07d}" for i in (cfg.steps - 2, cfg.steps)]  # keep_last=2: the newest two
     first_after = min(k for k, _ in _metrics_since_resume(tmp_path / "killed", published))
     assert first_after == published + 1
 
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
     ref, got = _final_state(tmp_path / "ref", cfg.steps), _final_state(tmp_path / "killed", cfg.steps)
-    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in ref), "no optimizer moments were saved"
+    # megatron-core: optimizer.state.exp_avg_sq.<param>; torch DCP: optimizer.state.<param>.exp_avg_sq
+    assert any(k.startswith("optimizer.state.") and ".exp_avg_sq." in k + "." for k in ref), "no optimizer moments were saved"
     assert_same_state(ref, got)
 
 
 def _metrics_since_resume(save_dir: Path, published: int):
     """(iteration, record) pairs the resumed run logged (it re-logs everything after `published`)."""
     recs = [json.loads(l) for l in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if _loss(r) is not None]  # training steps only (eval records come and go)
     last_seen, out = 0, []
     for rec in recs:
         if rec["iteration"] <= last_seen:  # the log restarts: this is the resumed run
@@ -177,3 +280,43 @@ def _metrics_since_resume(save_dir: Path, published: int):
         last_seen = rec["iteration"]
         out.append((rec["iteration"], rec))
     return out
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """Every output file (paths inside JSON summaries made relative to the folder)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "run_config.json":
+            data = p.read_bytes()
+            out[str(p.relative_to(folder))] = data.replace(str(folder).encode(), b"<save_dir>") if p.suffix == ".json" else data
+    return out
+
+
+def _check_one_process_stage(name: str, root: Path, tmp_path: Path) -> None:
+    """A one-process, non-iterative stage: SIGKILL at a seeded fault point, rerun, byte-identical outputs."""
+    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig
+
+    ref, _ = _shrunk(name, root, tmp_path / "ref", [])
+    assert run_ranks(_train, 1, ref, timeout=400) == [0]
+    rng = random.Random(zlib.crc32(name.encode()))
+    if isinstance(ref, TokenizeRunConfig):  # after the k-th of 4 shards, or in the merge
+        kill = rng.choice(["after_step:1", "after_step:2", "after_step:3", "in_save:4"])
+    else:
+        kill = "in_save:1"
+    killed, _ = _shrunk(name, root, tmp_path / "out", [], kill=kill)
+    with pytest.raises(RuntimeError, match=r"died with exit code -9"):
+        run_ranks(_train, 1, killed, timeout=400)
+    if isinstance(ref, TokenizeRunConfig):
+        parts = tmp_path / "out" / f"{ref.prefix}.parts"
+        done = sorted(p.name for p in parts.glob("done-*.json"))
+        k = 4 if kill.startswith("in_save") else int(kill.split(":")[1])
+        # one worker: exactly k shards are done; with a pool, shards in flight may have finished too
+        assert len(done) == k if ref.workers == 1 else k <= len(done) <= 4, done
+        assert not (tmp_path / "out" / f"{ref.prefix}.json").exists()  # no summary: not complete
+    else:
+        assert not (tmp_path / "out").exists() and (tmp_path / "out.tmp").is_dir()  # written, not published
+    again, _ = _shrunk(name, root, tmp_path / "out", [])
+    assert run_ranks(_train, 1, again, timeout=400) == [0]
+    got, want = _outputs(tmp_path / "out"), _outputs(tmp_path / "ref")
+    assert sorted(got) == sorted(want) and got == want, f"{name}: outputs differ after the kill at {kill}"
+    assert len(want) >= 3

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 VARIANTS = ("text", "image")
-PRESETS = ("tiny", "full")
+PRESETS = ("tiny", "xomni")
+OLD_PRESETS = {"full": "xomni"}  # one preset vocabulary for every config: old names are one-line errors
 # VAE downsamples 8x and FLUX packs 2x2 latent patches, so one decoder token covers 16x16 px:
 # exactly one SigLIP-VQ token (patch 16).
 VAE_SCALE = 8
@@ -162,13 +163,15 @@ def decoder_config(
 ) -> DecoderConfig:
     """Preset configs.
 
-    - ``full``: FLUX.1-dev dimensions (19 double + 38 single blocks, 24 x 128 heads, T5 4096, CLIP 768,
+    - ``xomni``: FLUX.1-dev dimensions (19 double + 38 single blocks, 24 x 128 heads, T5 4096, CLIP 768,
       16-channel VAE), adapter 1536 (the X-Omni tokenizer). Pass ``pretrained_path`` to load FLUX.1-dev.
     - ``tiny``: a few-block model that trains on a laptop CPU; adapter_dim defaults to the tiny tokenizer's.
     """
+    if preset in OLD_PRESETS:
+        raise ValueError(f"decoder preset `{preset}` is now `{OLD_PRESETS[preset]}`: use decoder_config({OLD_PRESETS[preset]!r}, ...)")
     if preset not in PRESETS:
         raise ValueError(f"unknown decoder preset {preset!r}; use one of {PRESETS}")
-    if preset == "full":
+    if preset == "xomni":
         cfg = dict(adapter_dim=adapter_dim if adapter_dim is not None else 1536, text_encoder="flux")
     else:
         cfg = dict(

@@ -175,7 +175,7 @@ def load_semantic_transformer(cfg: DecoderConfig, flux_path: str | Path, torch_d
     if bad or info["unexpected_keys"] or info["mismatched_keys"]:
         raise ValueError(
             f"{flux_path} does not match the configured FLUX dimensions (missing {sorted(bad)[:4]}, unexpected "
-            f"{sorted(info['unexpected_keys'])[:4]}, mismatched {info['mismatched_keys'][:2]}); use the 'full' preset"
+            f"{sorted(info['unexpected_keys'])[:4]}, mismatched {info['mismatched_keys'][:2]}); use the 'xomni' preset"
         )
     model.reset_new_parameters()  # the fresh projection must start at exactly zero
     want = transformer_kwargs(cfg)

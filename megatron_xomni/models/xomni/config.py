@@ -167,14 +167,18 @@ def _tiny() -> XOmniModelConfig:
 
 
 PRESETS = {
-    # Qwen2.5-7B + 16,384 image codes (16,448-row table) + 4 + 4 vision blocks.
-    "xomni_7b": XOmniModelConfig,
+    # X-Omni: Qwen2.5-7B + 16,384 image codes (16,448-row table) + 4 + 4 vision blocks.
+    "xomni": XOmniModelConfig,
     # Trains in seconds on a CPU.
     "tiny": _tiny,
 }
+# One preset vocabulary for every config (tiny / xomni): the old names are one-line errors.
+OLD_PRESETS = {"xomni_7b": "xomni"}
 
 
 def model_preset(name: str, **overrides) -> XOmniModelConfig:
+    if name in OLD_PRESETS:
+        raise ValueError(f"model preset `{name}` is now `{OLD_PRESETS[name]}`: use model_preset({OLD_PRESETS[name]!r})")
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()

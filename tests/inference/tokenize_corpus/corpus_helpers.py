@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from megatron_xomni.data import CorpusWriter, ImagePreprocessConfig, preprocess
-from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, load_image_tokenizer
+from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig, load_image_tokenizer
 from megatron_xomni.world import sample_world
 
 TV = 512
@@ -67,9 +67,12 @@ def expected_documents(text_tok):
     return {"generation": gen, "understanding": und}
 
 
-def make_cfg(corpus, text_tok_dir, out, **kw) -> TokenizeConfig:
-    return TokenizeConfig(corpus=str(corpus), out_prefix=str(out), text_tokenizer=str(text_tok_dir),
-                          image_tokenizer="tiny", text_vocab_size=TV, progress=False, batch_size=4, **kw)
+def make_cfg(corpus, text_tok_dir, out, **kw) -> TokenizeRunConfig:
+    """Outputs at <out>_<mode>.* and <out>.json (save_dir = out's folder, prefix = its name)."""
+    out = Path(out)
+    return TokenizeRunConfig(corpus=str(corpus), save_dir=str(out.parent), prefix=out.name,
+                             text_tokenizer=str(text_tok_dir), image_tokenizer="tiny", seed=0, text_vocab_size=TV,
+                             progress=False, batch_size=4, **kw)
 
 
 def read_outputs(prefix) -> dict[str, bytes]:

@@ -76,18 +76,17 @@ def test_interrupt_then_resume_is_identical(reference, corpus, text_tok_dir, tmp
     assert not any(Path(f"{out}{f}").exists() for f in FILES) and not Path(f"{out}.json").exists()
     # a half-written part of the interrupted shard is ignored and rewritten
     (parts / "generation-000002.tmp.bin").write_bytes(b"half a shard")
-    with pytest.raises(ValueError, match="--resume"):
-        tokenize_corpus(make_cfg(corpus, text_tok_dir, out))
-    with pytest.raises(ValueError, match="other inputs"):
-        tokenize_corpus(make_cfg(corpus, text_tok_dir, out, resume=True, mode="generation"))
+    with pytest.raises(ValueError, match="other inputs"):  # a rerun continues only the same run
+        tokenize_corpus(make_cfg(corpus, text_tok_dir, out, mode="generation"))
     resumed = []
     monkeypatch.setattr(pipeline, "tokenize_shard", lambda w, s, n: resumed.append(s) or real(w, s, n))
-    summary = tokenize_corpus(make_cfg(corpus, text_tok_dir, out, resume=True))
+    summary = tokenize_corpus(make_cfg(corpus, text_tok_dir, out))
     assert resumed == [2, 3]  # completed shards are not redone
     assert read_outputs(out) == read_outputs(ref_out)
     assert summary["skip_report"] == ref_summary["skip_report"]
-    assert tokenize_corpus(make_cfg(corpus, text_tok_dir, out, resume=True)) == summary  # complete: nothing to do
-    with pytest.raises(ValueError, match="complete"):
-        tokenize_corpus(make_cfg(corpus, text_tok_dir, out))
+    assert tokenize_corpus(make_cfg(corpus, text_tok_dir, out)) == summary  # complete: nothing to do
+    assert resumed == [2, 3]
+    with pytest.raises(ValueError, match="finished tokenization of other inputs"):
+        tokenize_corpus(make_cfg(corpus, text_tok_dir, out, mode="generation"))
 
 
