@@ -36,12 +36,12 @@ def bench_sampling(dec, grid, steps, batch, repeats, device, cfg_scale):
 
 
 def bench_train_step(dec, grid, batch, repeats, device, dtype):
-    from megatron_xomni.training.flux_decoder import TrainConfig, flow_matching_loss, select_trainable
+    from megatron_xomni.training.flux_decoder import flow_matching_loss, select_trainable
 
     select_trainable(dec, "all")
     params = [p for p in dec.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    cfg = TrainConfig()
+    cfg = decoder_cfg()
     b = {"pixels": torch.zeros(batch, 3, grid[0] * dec.cfg.token_pixels, grid[1] * dec.cfg.token_pixels), "index": torch.arange(batch),
          "features": torch.randn(batch, grid[0] * grid[1], dec.cfg.adapter_dim),
          "latents": torch.randn(batch, grid[0] * grid[1], dec.cfg.in_channels)}

@@ -261,11 +261,11 @@ A policy's images cannot score above what the tokenizer + decoder can render.
 def decoder(ctx: DemoContext) -> dict:
     cfg = ctx.cfg
     d = ctx.dir("decoder")
-    ctx.run([sys.executable, "-m", "megatron_xomni.training.flux_decoder", "--steps", str(cfg.decoder_steps),
-             "--image-size", str(cfg.image_size), "--out-dir", str(d), "--tokenizer", image_tokenizer_path(ctx),
-             "--seed", str(cfg.seed), "--variant", "image", "--sample-steps", str(cfg.decoder_sample_steps),
-             "--ckpt-every", str(max(cfg.decoder_steps // 4, 1)), "--lr", "2e-3", "--warmup-steps", "20",
-             "--vae-fit-steps", str(cfg.vae_fit_steps)], "decoder")
+    ctx.torchrun("tiny_decoder", [
+        f"save_dir={d}", f"steps={cfg.decoder_steps}", f"image_size={cfg.image_size}",
+        f"image_tokenizer={image_tokenizer_path(ctx)}", f"seed={cfg.seed}", f"sample_steps={cfg.decoder_sample_steps}",
+        f"save_interval={max(cfg.decoder_steps // 4, 1)}", f"vae_fit_steps={cfg.vae_fit_steps}",
+        f"schedule.warmup_steps={min(20, cfg.decoder_steps - 1)}"], "decoder")
     return {"export": decoder_path(ctx)}
 
 

@@ -94,20 +94,26 @@ class MegatronPayload:
 
 
 class DCPPayload:
-    """A torch distributed checkpoint of a module and its optimizer (FSDP2-sharded or replicated)."""
+    """A torch distributed checkpoint of a module and its optimizer (FSDP2-sharded or replicated).
 
-    def __init__(self, module: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
-        self.module, self.optimizer = module, optimizer
+    `model_keys` limits the module's part to those state-dict names (the trainable ones: a decoder
+    that trains only its semantic projection saves megabytes, not FLUX's 24 GB; the frozen rest is
+    rebuilt from the run's init source)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 model_keys: Optional[set] = None):
+        self.module, self.optimizer, self.model_keys = module, optimizer, model_keys
 
     def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if self.optimizer is None:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-            return {"model": get_model_state_dict(self.module)}
-        model, optim = get_state_dict(self.module, self.optimizer)
-        return {"model": model, "optimizer": optim}
+            model, optim = get_model_state_dict(self.module), None
+        else:
+            model, optim = get_state_dict(self.module, self.optimizer)
+        if self.model_keys is not None:
+            model = {k: v for k, v in model.items() if k in self.model_keys}
+        return {"model": model} if optim is None else {"model": model, "optimizer": optim}
 
     def write(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -119,13 +125,16 @@ class DCPPayload:
 
         from megatron_xomni import safe_loading
 
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         state = self._state()
         safe_loading.dcp_load(state, folder / "dcp")
+        opts = StateDictOptions(strict=self.model_keys is None)
         if self.optimizer is None:
-            set_model_state_dict(self.module, state["model"])
+            set_model_state_dict(self.module, state["model"], options=opts)
         else:
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
+                           optim_state_dict=state["optimizer"], options=opts)
         return state
 
 

@@ -1,66 +1,80 @@
-"""Train the semantic FLUX decoder with rectified-flow (flow-matching) loss.
+"""Train the semantic FLUX decoder with rectified-flow (flow-matching) loss, on the shared substrate.
 
 Pairs are (pixels in [-1, 1], condition features [B, h*w, adapter_dim]) where the features are the
 frozen tokenizer's ``decode_features(encode(pixels))``. Data parallel with FSDP2 (``fully_shard``)
 on CUDA (bf16 compute, fp32 master weights and reductions) and on CPU with gloo (fp32).
+Checkpoints (torch DCP of the trainable parameters and AdamW state), metrics, preemption and the LR
+schedule are the trainers' shared substrate (training/checkpoint.py, metrics.py, preemption.py,
+schedule.py); the diffusers-format export lands in <save_dir>/export.
 
 Determinism: every random draw of a step (noise, timesteps, CFG dropout) comes from a generator
 seeded by (seed, step, global sample index), so a run is bit-identical whatever the world size's
 effect on batching, and a resumed run continues exactly where the checkpoint left off.
 
-    torchrun --nproc-per-node 2 -m megatron_xomni.training.flux_decoder --preset tiny --steps 200 --out runs/dec
+    torchrun --nproc-per-node 2 -m megatron_xomni.train tiny_decoder steps=200 save_dir=runs/dec image_tokenizer=...
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import ClassVar, Iterable, Iterator, Literal, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_xomni.checkpointing import read_metadata
 from megatron_xomni.data.corpus_source import BatchShape, image_text_source, pil_to_pixels  # noqa: F401 (pil_to_pixels re-exported)
+from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.data.preprocess import ImagePreprocessConfig
-from megatron_xomni.training.flux_decoder_checkpoint import export_decoder, latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_xomni.models.flux_decoder.config import TOKEN_PIXELS, DecoderConfig, decoder_config
+from megatron_xomni.models.flux_decoder.config import DecoderConfig, decoder_config  # noqa: F401
 from megatron_xomni.models.flux_decoder.model import NEW_PARAMS, XOmniDecoder, build_decoder
 from megatron_xomni.models.flux_decoder.sampling import flux_mu, make_scheduler, sample
+from megatron_xomni.training import faults
+from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
+from megatron_xomni.models.flux_decoder.export import export_decoder
+from megatron_xomni.training.metrics import MetricsLogger
+from megatron_xomni.training.optim import OptimConfig
+from megatron_xomni.training.preemption import PreemptionSignal
+from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, RunSection
+from megatron_xomni.training.schedule import ScheduleConfig, build_scheduler
 
 
 @dataclass
-class TrainConfig:
-    """One decoder training run."""
+class DecoderRunConfig(RunSection):
+    """One decoder training run (the run section's fields come first)."""
 
+    RUNNER: ClassVar[str] = "megatron_xomni.training.flux_decoder:run"
+
+    name: str = "decoder"
+    steps: int = 200
+    save_dir: str = "runs/decoder"
+    save_interval: int = 100
+    keep_last: Optional[int] = 2
+    log_interval: int = 10
+    seed: int = 0
     preset: str = "tiny"
-    """Decoder preset ("tiny" or "full") used when init_from is None."""
+    """Decoder preset ("tiny" or "xomni": FLUX.1-dev sized) used when init_from is None."""
     variant: Literal["text", "image"] = "image"
     """Decoder variant; a resumed checkpoint or init_from export must match it."""
-    init_from: str | None = None
+    init_from: Optional[str] = None
     """An XOmniDecoder export to start from (e.g. with a fitted tiny VAE); None = build_decoder(preset)."""
-    pretrained_path: str | None = None
-    """Local FLUX.1-dev folder for the full preset (ignored when init_from is set)."""
+    pretrained_path: Optional[str] = None
+    """Local FLUX.1-dev folder for the xomni preset (ignored when init_from is set)."""
+    image_tokenizer: str = "tiny"
+    """The frozen SigLIP-VQ tokenizer giving the condition features: a save_pretrained folder, or a
+    preset name (random init) for tests and smoke runs."""
     trainable: Literal["semantic_proj", "all"] = "all"
     """"semantic_proj": only the new parameters (semantic_proj, plus the image variant's pooled
     embedding) train and FLUX stays frozen; "all": the whole transformer trains."""
-    steps: int = 200
-    """Optimizer steps to reach (a resumed run continues up to this step)."""
     batch_size: int = 16
     """Global batch size (split evenly across data-parallel ranks)."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (constant after warmup)."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 disables clipping)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-3, weight_decay=0.0, clip_grad=1.0))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(style="constant", warmup_steps=10))
     cfg_dropout: float = 0.1
     """Probability that a sample's features are zeroed (and prompt emptied) so decoder CFG has a
     trained negative branch."""
@@ -74,39 +88,61 @@ class TrainConfig:
     batch at the size of its first image; "auto": fixed for the tiny preset, xomni otherwise."""
     image_size: int = 64
     """Square training resolution in pixels for fixed preprocessing and the world (multiple of 16)."""
-    seed: int = 0
-    """Seeds the model init, data order and every training draw."""
-    out_dir: str = "runs/decoder"
-    """Checkpoints, TensorBoard logs and the final export go here."""
-    resume: bool = True
-    """Continue from the newest checkpoint in out_dir/checkpoints if one exists."""
-    ckpt_every: int = 100
-    """Checkpoint period in steps (a checkpoint is also written at the last step)."""
-    log_every: int = 10
-    """TensorBoard scalar period."""
     sample_every: int = 100
     """TensorBoard reconstruction-image period (0 disables)."""
     sample_steps: int = 8
     """Euler steps for the logged reconstructions."""
     export: bool = True
-    """Write a diffusers-format export to out_dir/export at the end."""
+    """Write a diffusers-format export to <save_dir>/export at the end."""
     decoder_overrides: dict = field(default_factory=dict)
     """Extra DecoderConfig fields for the preset (e.g. adapter_dim)."""
     vae_fit_steps: int = 0
-    """Tiny preset without init_from: fit the (random) tiny VAE on built-in world crops for this many
-    steps before training, so latents mean something; the fitted decoder is saved to
-    out_dir/init and reused on resume. 0 keeps the VAE as built (FLUX's VAE is used as released)."""
+    """Tiny preset without init_from: fit the (random) tiny VAE on training crops for this many steps
+    before training, so latents mean something; the fitted decoder is saved to <save_dir>/init and
+    reused on resume. 0 keeps the VAE as built (FLUX's VAE is used as released)."""
+
+    def validate(self, world_size: int = 1) -> None:
+        """Types and sizes (no paths, no process groups)."""
+        from megatron_xomni.dataclass_utils import check_numbers
+
+        self.validate_run()
+        self.optim.validate()
+        self.schedule.validate(self.steps)
+        check_numbers({"batch_size": self.batch_size, "image_size": self.image_size, "sample_steps": self.sample_steps}, 1)
+        check_numbers({"sample_every": self.sample_every, "vae_fit_steps": self.vae_fit_steps}, 0)
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by the {world_size} data-parallel ranks")
+        if self.variant not in ("text", "image"):
+            raise ValueError(f"variant={self.variant!r}: use text or image")
+        if self.trainable not in ("semantic_proj", "all"):
+            raise ValueError(f"trainable must be 'semantic_proj' or 'all', got {self.trainable!r}")
+        if self.preprocess not in ("auto", "fixed", "xomni"):
+            raise ValueError(f"preprocess={self.preprocess!r}: choose auto, fixed or xomni")
+        ImageGrid.from_pixels(self.image_size, self.image_size, 16, what="image_size")
+        if self.vae_fit_steps and self.preset != "tiny":
+            raise ValueError("vae_fit_steps is for the tiny preset; the xomni preset uses FLUX's released VAE")
+
+    def check_paths(self) -> None:
+        for name in ("init_from", "pretrained_path"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                raise InputError(f"{name}={value} does not exist: fix the path")
+        if self.image_tokenizer not in ("tiny", "xomni") and not Path(self.image_tokenizer).is_dir():
+            raise InputError(f"image_tokenizer={self.image_tokenizer} is not a folder: train the SigLIP-VQ "
+                             "tokenizer first (xomni train tiny_siglip_vq) or fix the path")
+        if self.corpus != "world" and not Path(self.corpus).is_dir():
+            raise InputError(f"corpus={self.corpus} is not a folder: build one with xomni corpus, or use corpus=world")
 
 
 # ----------------------------------------------------------------------------- data
-def batch_shape(cfg: TrainConfig) -> BatchShape:
+def batch_shape(cfg: DecoderRunConfig) -> BatchShape:
     mode = cfg.preprocess if cfg.preprocess != "auto" else ("fixed" if cfg.preset == "tiny" else "xomni")
     if mode not in ("fixed", "xomni"):
         raise ValueError(f"preprocess={cfg.preprocess!r}: choose auto, fixed or xomni")
     return BatchShape.fixed(cfg.image_size) if mode == "fixed" else BatchShape.xomni(ImagePreprocessConfig())
 
 
-def training_source(cfg: TrainConfig):
+def training_source(cfg: DecoderRunConfig):
     """The image-text source `cfg.corpus` names (data/corpus_source.py), seeded by `cfg.seed`."""
     return image_text_source(cfg.corpus, seed=cfg.seed, size=cfg.image_size)
 
@@ -117,7 +153,7 @@ def tokenizer_features(tokenizer, pixels: torch.Tensor) -> torch.Tensor:
     return tokenizer.decode_features(tokenizer.encode(pixels)).float()
 
 
-def source_batches(tokenizer, cfg: TrainConfig, rank: int = 0, world_size: int = 1, start_step: int = 0,
+def source_batches(tokenizer, cfg: DecoderRunConfig, rank: int = 0, world_size: int = 1, start_step: int = 0,
                    source=None) -> Iterator[dict]:
     """Endless batches of this rank from the training source: step s holds global records
     s*B .. s*B+B-1 (rank r its contiguous slice), so a resumed run starts at its step directly."""
@@ -132,7 +168,7 @@ def _sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
 
 
-def flow_matching_loss(decoder: XOmniDecoder, batch: dict, step: int, cfg: TrainConfig, dtype) -> torch.Tensor:
+def flow_matching_loss(decoder: XOmniDecoder, batch: dict, step: int, cfg: DecoderRunConfig, dtype) -> torch.Tensor:
     """Rectified flow: x_t = (1 - s) x0 + s eps, target velocity eps - x0 (what FLUX's Euler sampler integrates)."""
     device = next(decoder.transformer.parameters()).device
     feats = batch["features"]
@@ -143,7 +179,7 @@ def flow_matching_loss(decoder: XOmniDecoder, batch: dict, step: int, cfg: Train
     x0 = batch.get("latents")
     if x0 is None:
         x0 = decoder.encode_pixels(batch["pixels"].to(device))
-    h, w = batch["pixels"].shape[2] // TOKEN_PIXELS, batch["pixels"].shape[3] // TOKEN_PIXELS
+    h, w = ImageGrid.from_pixels(batch["pixels"].shape[2], batch["pixels"].shape[3], decoder.cfg.token_pixels).shape
     decoder.check_grid((h, w), feats.shape[1])
     x0 = x0.to(device=device, dtype=torch.float32)
     b = x0.shape[0]
@@ -214,17 +250,15 @@ def shard(decoder: XOmniDecoder, device: torch.device) -> None:
     fully_shard(t, **kw)
 
 
-def load_init(cfg: TrainConfig) -> XOmniDecoder:
+def load_init(cfg: DecoderRunConfig) -> XOmniDecoder:
     if cfg.init_from:
         return XOmniDecoder.from_pretrained(cfg.init_from, variant=cfg.variant)
-    init_dir = Path(cfg.out_dir) / "init"
+    init_dir = Path(cfg.save_dir) / "init"
     if cfg.vae_fit_steps > 0 and (init_dir / "decoder_config.json").exists():  # fitted earlier: resume from it
         return XOmniDecoder.from_pretrained(init_dir, variant=cfg.variant)
     dcfg = decoder_config(cfg.preset, cfg.variant, pretrained_path=cfg.pretrained_path, **cfg.decoder_overrides)
     decoder = build_decoder(dcfg, seed=cfg.seed)
     if cfg.vae_fit_steps > 0:
-        if cfg.preset != "tiny":
-            raise ValueError("vae_fit_steps is for the tiny preset; the full preset uses FLUX's released VAE")
         pixels = training_source(cfg).gather(range(512), BatchShape.fixed(cfg.image_size))["pixels"]
         g = torch.Generator().manual_seed(cfg.seed)
 
@@ -240,24 +274,20 @@ def load_init(cfg: TrainConfig) -> XOmniDecoder:
     return decoder
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
 # ----------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
+def train(cfg: DecoderRunConfig, tokenizer=None, data: Iterable[dict] | None = None,
           held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Run (or resume) training. Returns {"decoder", "losses", "step", "export"}.
+    """Run (or resume from <save_dir>) training. Returns {"decoder", "losses", "step", "export",
+    "data_report", "exit_code"}.
 
     ``data`` yields per-rank batches {"pixels", "features"[, "prompts", "latents", "index"]}; it is
     fast-forwarded by the resumed step count, so it must be deterministic for exact resume. Without
     ``data`` the images of ``cfg.corpus`` (the world or a corpus) are used with ``tokenizer`` (required
-    then); their skip report is saved as out_dir/data_skips/rank<R>.json with every checkpoint.
+    then); their skip report is saved as <save_dir>/data_skips/rank<R>.json with every checkpoint.
     ``held_out``: (pixels, features) reconstructed into TensorBoard every ``sample_every`` steps.
     """
     rank, world, device = init_distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} data-parallel ranks")
+    cfg.validate(world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     decoder = load_init(cfg)
     decoder.to(device)
@@ -269,14 +299,27 @@ def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
     if world > 1:
         shard(decoder, device)
     params = [p for p in decoder.transformer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    o = cfg.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                            weight_decay=o.weight_decay)
+    scheduler = build_scheduler(opt, cfg.schedule, o.lr, o.min_lr, o.weight_decay, cfg.steps)
 
-    out = Path(cfg.out_dir)
-    ckpt_dir = out / "checkpoints"
+    out = Path(cfg.save_dir)
+    ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill, layout={"world_size": world})
+    payload = DCPPayload(decoder.transformer, opt, model_keys=set(trainable))
     start = 0
-    last = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if last is not None:
-        start = load_checkpoint(last, decoder.transformer, opt, cfg.variant)
+    resume = ckpt.latest()
+    if resume is not None:
+        saved = read_metadata(resume, "trainer_state") or {}
+        if saved.get("variant") != cfg.variant:  # checked before reading tensors that would not fit
+            raise InputError(f"checkpoint {resume} is a {saved.get('variant')!r} decoder run; this run trains "
+                             f"{cfg.variant!r}: use a new save_dir")
+        _, resumed = ckpt.load(resume, payload)
+        state = resumed.trainer_state
+        start = int(state["step"])
+        scheduler.load_state_dict(state["scheduler"])
+        for g in opt.param_groups:  # the recipe's Adam settings win over the checkpoint's (training/resume.py)
+            g["betas"], g["eps"] = (o.adam_beta1, o.adam_beta2), o.adam_eps
     source = None
     if data is None:
         if tokenizer is None:
@@ -286,58 +329,96 @@ def train(cfg: TrainConfig, tokenizer=None, data: Iterable[dict] | None = None,
     else:
         data_iter = itertools.islice(iter(data), start, None)
 
-    writer = None
+    logger = MetricsLogger(str(out / "tensorboard"), str(out / "metrics.jsonl"), rank == 0,
+                           name=cfg.name, total_steps=cfg.steps, start_step=start)
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"))
-        (out / "train_config.json").parent.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    meta = {"variant": cfg.variant, "train_config": dataclasses.asdict(cfg)}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(cfg.to_json())
+        if resume is not None:
+            print(f"[{cfg.name}] resumed from {resume} at step {start}", flush=True)
+    preempt = PreemptionSignal()
     losses: list[float] = []
     decoder.transformer.train()
-    t_last = time.perf_counter()
+    t_last, logged, exit_code, done = time.perf_counter(), start, EXIT_OK, start
+
+    def save(step: int) -> None:
+        ckpt.save(step, payload, cfg.to_dict(),
+                  {"step": step, "variant": cfg.variant, "trainable": trainable, "scheduler": scheduler.state_dict()})
+        if source is not None:
+            source.report.save(out / "data_skips" / f"rank{rank}.json")
+
     for step in range(start, cfg.steps):
         batch = next(data_iter)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
         loss = flow_matching_loss(decoder, batch, step, cfg, dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf"))
         opt.step()
+        scheduler.step(increment=1)
         value = loss.detach()
         if world > 1:
             dist.all_reduce(value)  # SUM: gloo has no AVG
             value = value / world
         losses.append(float(value))
         done = step + 1
-        if writer is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+        if done % cfg.log_interval == 0 or done == cfg.steps:
             now = time.perf_counter()
-            writer.add_scalar("train/loss", losses[-1], done)
-            writer.add_scalar("train/lr", lr_at(cfg, step), done)
-            writer.add_scalar("perf/sec_per_step", (now - t_last) / cfg.log_every, done)
-            t_last = now
+            seconds = (now - t_last) / (done - logged)
+            t_last, logged = now, done
+            lr = opt.param_groups[0]["lr"]
+            logger.log_step(done, {"train/loss": losses[-1], "train/lr": lr, "train/grad_norm": float(gnorm),
+                                   "perf/sec_per_step": seconds},
+                            [f"loss {losses[-1]:.4f}", f"lr {lr:.2e}", f"gnorm {float(gnorm):.3f}", f"{seconds:.2f} s/step"])
         if held_out is not None and cfg.sample_every and done % cfg.sample_every == 0:
-            _log_samples(decoder, held_out, cfg, writer, done)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_dir, done, decoder.transformer, opt, trainable, meta)
-            if source is not None:
-                source.report.save(out / "data_skips" / f"rank{rank}.json")
+            _log_samples(decoder, held_out, cfg, logger.writer, done)
+        faults.fire("after_step", done, cfg.debug_kill)
+        preempted = preempt.agreed()
+        if preempted or done % cfg.save_interval == 0 or done == cfg.steps:
+            save(done)
+        if preempted:
+            if rank == 0:
+                print(f"[{cfg.name}] preemption signal: saved at step {done}, exiting for requeue", flush=True)
+            exit_code = EXIT_REQUEUE
+            break
     decoder.transformer.eval()
     if source is not None and source.report.num_skipped and rank == 0:
-        print(f"[decoder] {cfg.corpus}, rank 0: {source.report}".replace("\n", "; "), flush=True)
-    export = export_decoder(decoder, out / "export") if cfg.export else None
-    if writer is not None:
-        writer.close()
-    return {"decoder": decoder, "losses": losses, "step": max(start, cfg.steps), "export": export,
-            "data_report": source.report if source is not None else None}
+        print(f"[{cfg.name}] {cfg.corpus}, rank 0: {source.report}".replace("\n", "; "), flush=True)
+    export = export_decoder(decoder, out / "export") if cfg.export and exit_code == EXIT_OK else None
+    logger.close()
+    return {"decoder": decoder, "losses": losses, "step": max(start, done), "export": export,
+            "data_report": source.report if source is not None else None, "exit_code": exit_code}
 
 
-def _log_samples(decoder, held_out, cfg: TrainConfig, writer, step: int) -> None:
+def load_frozen_tokenizer(path_or_preset: str, seed: int = 0):
+    """The frozen SigLIP-VQ tokenizer: a save_pretrained folder, or a preset (random init, seeded)."""
+    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
+
+    if path_or_preset in ("tiny", "xomni"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tok = SiglipVQTokenizer(tokenizer_config(path_or_preset))
+    else:
+        tok = SiglipVQTokenizer.from_pretrained(path_or_preset)
+    return tok.eval().requires_grad_(False)
+
+
+def run(cfg: DecoderRunConfig) -> int:
+    """The stage's RUNNER (python -m megatron_xomni.train RECIPE): returns the exit code."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world)
+    cfg.check_paths()
+    try:
+        result = train(cfg, load_frozen_tokenizer(cfg.image_tokenizer, cfg.seed))
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return result["exit_code"]
+
+
+def _log_samples(decoder, held_out, cfg: DecoderRunConfig, writer, step: int) -> None:
     pixels, feats = held_out
-    h, w = pixels.shape[2] // TOKEN_PIXELS, pixels.shape[3] // TOKEN_PIXELS
+    h, w = ImageGrid.from_pixels(pixels.shape[2], pixels.shape[3], decoder.cfg.token_pixels).shape
     decoder.transformer.eval()
     recon = sample(decoder, feats, (h, w), num_inference_steps=cfg.sample_steps, generator=cfg.seed)  # all ranks (FSDP)
     decoder.transformer.train()
@@ -382,39 +463,3 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-
-
-# ----------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "decoder_overrides":
-            continue
-        kind = type(f.default) if f.default is not None else str
-        if kind is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    p.add_argument("--tokenizer", default=None, help="SiglipVQTokenizer.from_pretrained folder (default: tiny random)")
-    args = vars(p.parse_args(argv))
-    tok_path = args.pop("tokenizer")
-    cfg = TrainConfig(**args)
-    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
-
-    if tok_path:
-        tok = SiglipVQTokenizer.from_pretrained(tok_path)
-    else:
-        torch.manual_seed(cfg.seed)
-        tok = SiglipVQTokenizer(tokenizer_config("tiny"))
-    tok.eval().requires_grad_(False)
-    result = train(cfg, tok)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"step": result["step"], "final_loss": result["losses"][-1] if result["losses"] else None,
-                          "export": str(result["export"])}))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

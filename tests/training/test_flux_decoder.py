@@ -1,14 +1,17 @@
 """Decoder training: what trains, exact resume, export, logs, FSDP2 on 2 gloo ranks."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
+from tests.training.decoder_runs import decoder_cfg
 from megatron_xomni.models.flux_decoder import XOmniDecoder
 from megatron_xomni.models.flux_decoder.model import NEW_PARAMS
-from megatron_xomni.training.flux_decoder import TrainConfig, train
+from megatron_xomni.training.flux_decoder import train
+from megatron_xomni.training.run import InputError
 
 from tests.models.flux_decoder.conftest import ADAPTER_DIM, tiny_decoder
 
@@ -39,9 +42,9 @@ def init_dir(tmp_path, variant="image"):
 
 def run(tmp_path, name, variant="image", **kw):
     defaults = dict(init_from=init_dir(tmp_path, variant), variant=variant, batch_size=4, lr=1e-2, warmup_steps=1,
-                    out_dir=str(tmp_path / name), sample_every=0, export=False, log_every=1)
+                    save_dir=str(tmp_path / name), sample_every=0, export=False, log_interval=1)
     defaults.update(kw)
-    cfg = TrainConfig(**defaults)
+    cfg = decoder_cfg(**defaults)
     return train(cfg, data=random_batches(cfg.batch_size, variant=variant))
 
 
@@ -67,12 +70,12 @@ def test_all_mode_trains_the_transformer(tmp_path):
 
 @pytest.mark.parametrize("variant", ["image", "text"])
 def test_resume_is_exact_and_export_loads(tmp_path, variant):
-    straight = run(tmp_path, "straight", variant, steps=4, ckpt_every=100)
-    first = run(tmp_path, "resumed", variant, steps=2, ckpt_every=2)
+    straight = run(tmp_path, "straight", variant, steps=4, save_interval=100)
+    first = run(tmp_path, "resumed", variant, steps=2, save_interval=2)
     assert first["losses"] == straight["losses"][:2]
     # a fresh process state: scramble the global RNG, the checkpoint must restore what matters
     torch.manual_seed(12345)
-    second = run(tmp_path, "resumed", variant, steps=4, ckpt_every=2, export=True)
+    second = run(tmp_path, "resumed", variant, steps=4, save_interval=2, export=True)
     assert second["losses"] == straight["losses"][2:]
     a, b = straight["decoder"].transformer.state_dict(), second["decoder"].transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -80,18 +83,18 @@ def test_resume_is_exact_and_export_loads(tmp_path, variant):
     assert all(torch.equal(v, exported.transformer.state_dict()[k]) for k, v in b.items())
     # a checkpoint of the other variant is refused in one line
     other = "text" if variant == "image" else "image"
-    with pytest.raises(ValueError, match=f"is a '{variant}' decoder run; this run trains '{other}'"):
-        run(tmp_path, "resumed", other, steps=6, ckpt_every=2)
+    with pytest.raises(InputError, match=f"is a '{variant}' decoder run; this run trains '{other}'"):
+        run(tmp_path, "resumed", other, steps=6, save_interval=2)
 
 
 def test_tensorboard_gets_loss_and_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     held = (torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, ADAPTER_DIM))
-    cfg = TrainConfig(init_from=init_dir(tmp_path), variant="image", batch_size=4, steps=2, out_dir=str(tmp_path / "tb"),
-                      sample_every=2, sample_steps=2, export=False, log_every=1)
+    cfg = decoder_cfg(init_from=init_dir(tmp_path), variant="image", batch_size=4, steps=2, save_dir=str(tmp_path / "tb"),
+                      sample_every=2, sample_steps=2, export=False, log_interval=1)
     out = train(cfg, data=random_batches(4), held_out=held)
-    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx(out["losses"], rel=1e-6)
     assert acc.Tags()["images"] == ["samples/truth_then_reconstruction"]
@@ -102,14 +105,15 @@ def test_bad_training_inputs(tmp_path):
         while True:
             yield {"pixels": torch.zeros(4, 3, 32, 32), "features": torch.zeros(4, 4, ADAPTER_DIM + 1)}
 
-    cfg = TrainConfig(init_from=init_dir(tmp_path), variant="image", batch_size=4, steps=1, out_dir=str(tmp_path / "bad"),
+    cfg = decoder_cfg(init_from=init_dir(tmp_path), variant="image", batch_size=4, steps=1, warmup_steps=0,
+                      save_dir=str(tmp_path / "bad"),
                       sample_every=0, export=False)
     with pytest.raises(ValueError, match="wrong tokenizer"):
         train(cfg, data=wrong_dim())
     with pytest.raises(ValueError, match="'image' decoder but a 'text' decoder was requested"):
-        train(TrainConfig(**{**cfg.__dict__, "variant": "text"}), data=wrong_dim())
+        train(dataclasses.replace(cfg, **{"variant": "text"}), data=wrong_dim())
     with pytest.raises(ValueError, match="trainable must be"):
-        train(TrainConfig(**{**cfg.__dict__, "trainable": "lora"}), data=wrong_dim())
+        train(dataclasses.replace(cfg, **{"trainable": "lora"}), data=wrong_dim())
 
 
 # ----------------------------------------------------------------------------- FSDP2, 2 ranks
@@ -117,8 +121,8 @@ def _fsdp_rank(rank, world, init, out, steps):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    cfg = TrainConfig(init_from=init, variant="image", batch_size=4, lr=1e-2, warmup_steps=1, steps=steps,
-                      out_dir=out, sample_every=0, export=True, ckpt_every=steps, log_every=1)
+    cfg = decoder_cfg(init_from=init, variant="image", batch_size=4, lr=1e-2, warmup_steps=1, steps=steps,
+                      save_dir=out, sample_every=0, export=True, save_interval=steps, log_interval=1)
     res = train(cfg, data=random_batches(4, rank, world))
     sharded = type(res["decoder"].transformer).__name__
     dist.barrier()

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.training.decoder_runs import decoder_cfg
 from megatron_xomni.cli import main
-from megatron_xomni.training.flux_decoder import TrainConfig, flow_matching_loss, source_batches, train
+from megatron_xomni.training.flux_decoder import flow_matching_loss, source_batches, train
 
 SIZES = [(32, 32), (48, 32), (32, 48), (40, 40), (64, 48), (36, 52)]
 
@@ -60,9 +61,9 @@ def setup(tmp_path_factory):
 
 def _cfg(root, name, **kw):
     base = dict(init_from=str(root / "init"), corpus=str(root / "corpus"), image_size=32, batch_size=4, lr=2e-3,
-                warmup_steps=1, out_dir=str(root / name), sample_every=0, export=False, log_every=1, ckpt_every=100, seed=3)
+                warmup_steps=1, save_dir=str(root / name), sample_every=0, export=False, log_interval=1, save_interval=100, seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return decoder_cfg(**base)
 
 
 def _held_loss(decoder, tok, cfg) -> float:
@@ -89,9 +90,9 @@ def test_decoder_trains_on_a_folder_corpus_and_resumes_exactly(setup):
     assert (root / "long" / "data_skips" / "rank0.json").exists()
 
     straight = train(_cfg(root, "straight", steps=4), tok)
-    first = train(_cfg(root, "split", steps=2, ckpt_every=2), tok)
+    first = train(_cfg(root, "split", steps=2, save_interval=2), tok)
     torch.manual_seed(999)  # a fresh process state: the checkpoint and the step-indexed batches are all that count
-    second = train(_cfg(root, "split", steps=4, ckpt_every=2), tok)
+    second = train(_cfg(root, "split", steps=4, save_interval=2), tok)
     assert first["losses"] + second["losses"] == straight["losses"]
     a, b = straight["decoder"].transformer.state_dict(), second["decoder"].transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

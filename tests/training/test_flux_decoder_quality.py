@@ -27,10 +27,11 @@ import torch
 pytest.importorskip("megatron_xomni.models.siglip_vq")
 pytest.importorskip("megatron_xomni.world")
 
+from tests.training.decoder_runs import decoder_cfg
 from megatron_xomni.models.flux_decoder import XOmniDecoder, build_decoder, decoder_config  # noqa: E402
 from megatron_xomni.models.flux_decoder.sampling import sample  # noqa: E402
 from megatron_xomni.data.world_source import world_images  # noqa: E402
-from megatron_xomni.training.flux_decoder import TrainConfig, fit_vae, psnr, tokenizer_features, train  # noqa: E402
+from megatron_xomni.training.flux_decoder import fit_vae, psnr, tokenizer_features, train  # noqa: E402
 
 N_TRAIN, N_HELD, SIZE = 384, 32, 64
 VAE_STEPS, DECODER_STEPS, LR = 150, 400, 2e-3
@@ -81,8 +82,8 @@ def test_trained_tiny_decoder_beats_untrained_and_mean_image(tmp_path):
     untrained = XOmniDecoder.from_pretrained(tmp_path / "init")
     before_mean = psnr(sample(untrained, held_feats, grid, num_inference_steps=1, generator=0), held).mean()
     before_8 = psnr(sample(untrained, held_feats, grid, num_inference_steps=8, generator=0), held).mean()
-    cfg = TrainConfig(init_from=str(tmp_path / "init"), variant="image", trainable="all", steps=DECODER_STEPS,
-                      batch_size=16, lr=LR, warmup_steps=20, out_dir=str(tmp_path / "run"), ckpt_every=10**9,
+    cfg = decoder_cfg(init_from=str(tmp_path / "init"), variant="image", trainable="all", steps=DECODER_STEPS,
+                      batch_size=16, lr=LR, warmup_steps=20, save_dir=str(tmp_path / "run"), save_interval=10**9,
                       sample_every=0, export=False)
     res = train(cfg, data=batches())
     trained = res["decoder"]

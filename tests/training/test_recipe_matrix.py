@@ -54,7 +54,7 @@ from megatron_xomni.recipes import available_recipes, load_recipe
 from tests.multirank import run_ranks
 from tests.training.checkpoints import assert_same_state, plain_state
 
-STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4, "SiglipVQRunConfig": 6}
+STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4, "SiglipVQRunConfig": 6, "DecoderRunConfig": 4}
 VPP = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2",
        "parallel.virtual_pipeline_parallel=2"]
 
@@ -69,6 +69,7 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.rl.trainer import GRPORunConfig
     from megatron_xomni.training.config import ARRunConfig
+    from megatron_xomni.training.flux_decoder import DecoderRunConfig
     from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
 
     cfg = load_recipe(name)
@@ -76,6 +77,8 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
         return _shrunk_one_process(cfg, root, save_dir, kill), 1
     if isinstance(cfg, SiglipVQRunConfig):
         return _shrunk_siglip_vq(cfg, root, save_dir, kill), 2
+    if isinstance(cfg, DecoderRunConfig):
+        return _shrunk_decoder(cfg, save_dir, kill), 2
     cfg.model = model_preset("tiny")
     apply_overrides(cfg, extra)
     p = cfg.parallel
@@ -108,6 +111,17 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
         world = 2 * p.tensor_parallel * p.pipeline_parallel  # DP 2
         return cfg, world
     pytest.fail(f"recipe {name} has config type {type(cfg).__name__}: add its shrink rule to this matrix")
+
+
+def _shrunk_decoder(cfg, save_dir: Path, kill: str):
+    """The tiny decoder, conditioned by a random tiny tokenizer, on 48 px world images, FSDP2 over 2 ranks."""
+    cfg.save_dir, cfg.debug_kill, cfg.steps = str(save_dir), kill, STEPS["DecoderRunConfig"]
+    cfg.save_interval, cfg.log_interval, cfg.keep_last = 2, 1, 2
+    cfg.preset, cfg.init_from, cfg.pretrained_path, cfg.image_tokenizer = "tiny", None, None, "tiny"
+    cfg.corpus, cfg.preprocess, cfg.image_size, cfg.batch_size = "world", "fixed", 48, 4
+    cfg.vae_fit_steps, cfg.sample_every, cfg.export = 0, 0, True
+    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, 1)
+    return cfg
 
 
 def _shrunk_siglip_vq(cfg, root: Path, save_dir: Path, kill: str):
