@@ -15,7 +15,7 @@ def tiny_decoder() -> DecoderRunConfig:
         optim=OptimConfig(lr=2e-3, min_lr=2e-3, weight_decay=0.0, clip_grad=1.0),
         schedule=ScheduleConfig(style="constant", warmup_steps=20), corpus="world", image_size=64,
         vae_fit_steps=150, sample_steps=8, save_dir="runs/tiny/decoder", save_interval=300,
-        image_tokenizer="runs/tiny/image_tokenizer/export/tokenizer",
+        image_tokenizer="runs/tiny/siglip_vq/export/tokenizer",
     )
 
 

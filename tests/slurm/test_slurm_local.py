@@ -368,3 +368,37 @@ def test_gpu_jobs_are_validated_for_the_compute_nodes(root, tmp_path):
     assert gpu.returncode == 0, gpu.stderr
     cpu = submit(BACKEND.recipe, "--ranks-per-node", "2", *args)
     assert cpu.returncode == 2 and "context_parallel=2" in cpu.stderr, cpu.stderr
+
+
+# ---- d. other stages: a tokenization job (one process) and a decoder job (2 ranks) --------------
+@needs_cluster
+@pytest.mark.skipif(not BACKEND.real, reason="needs the real stages")
+@pytest.mark.timeout(400)
+def test_tokenizer_stage_and_decoder_stage_jobs_complete(root):
+    from megatron_xomni.data import write_world_corpus
+    from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
+
+    write_world_corpus(root / "corpus", 24, seed=0, samples_per_shard=12)
+    XOmniTextTokenizer.from_sentencepiece(train_sentencepiece(world_texts(200), root / "sp", vocab_size=512)).save(root / "text")
+    jobs = {}
+    for name, resources, overrides in (
+        ("tiny_tokenize", ["--ranks-per-node", "1"],
+         [f"corpus={root / 'corpus'}", f"text_tokenizer={root / 'text'}", "image_tokenizer=tiny", "progress=false"]),
+        ("tiny_decoder", ["--ranks-per-node", "2"],
+         ["steps=3", "image_tokenizer=tiny", "image_size=48", "batch_size=4", "vae_fit_steps=0", "sample_every=0",
+          "save_interval=2", "log_interval=1", "schedule.warmup_steps=1"]),
+    ):
+        save_dir = root / f"stage_{name}"
+        res = submit(name, "--nodes", "1", *resources, "--cpus-per-task", "2", "--time", "00:10:00",
+                     f"save_dir={save_dir}", *overrides)
+        assert res.returncode == 0, res.stderr
+        jobs[name] = (res.stdout.strip(), save_dir)
+        _JOBS.append(jobs[name][0])
+    for name, (job_id, save_dir) in jobs.items():
+        info = wait_final(job_id, save_dir, timeout=300)
+        assert info["JobState"] == "COMPLETED", f"{name}: {info['JobState']}:\n{log_text(save_dir, job_id)[-3000:]}"
+    tokens = jobs["tiny_tokenize"][1]
+    assert (tokens / "world.json").is_file() and (tokens / "world_generation.bin").stat().st_size > 0
+    decoder = jobs["tiny_decoder"][1]
+    assert (decoder / "export" / "decoder_config.json").is_file()
+    assert [r["iteration"] for r in read_metrics(decoder)][-1] == 3
