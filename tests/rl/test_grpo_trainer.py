@@ -143,6 +143,13 @@ def test_7b_recipe_renders_without_its_inputs_and_checks_them_at_start(tmp_path)
     for name in ("init_from", "text_tokenizer", "image_tokenizer", "decoder"):
         (tmp_path / name).mkdir()
         setattr(cfg, name, str(tmp_path / name))
+    with pytest.raises(ValueError, match="image tokenizer config .* does not exist"):
+        cfg.check_paths()  # the grid is checked against the tokenizer's patch before anything is loaded
+    from megatron_xomni.models.siglip_vq import SigLIPVQConfig, SiglipVQTokenizer
+
+    SiglipVQTokenizer(SigLIPVQConfig(patch_size=16, width=32, num_layers=1, num_heads=2, mlp_dim=64, pos_grid=4,
+                                     codebook_size=16, codebook_dim=8, adapter_dim=32)).save_pretrained(
+        tmp_path / "image_tokenizer")
     with pytest.raises(ValueError, match=r"reward 'hpsv2': ckpt/hpsv2 is not a local Hugging Face checkpoint"):
         cfg.check_paths()
     for name in ("hpsv2", "vlm_judge"):

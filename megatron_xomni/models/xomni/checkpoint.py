@@ -21,6 +21,7 @@ import torch
 from megatron_xomni.checkpointing import load_checkpoint, read_metadata, resolve_checkpoint
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import LayoutError, ParallelConfig
+from megatron_xomni.safe_loading import UnsafeCheckpointError
 
 
 def _unwrap(m):
@@ -73,6 +74,8 @@ def load_weights(chunks: list, folder: str | os.PathLike) -> None:
         if isinstance(e, CheckpointException) and e.failures:  # the first rank's own exception says what
             failure = next(iter(e.failures.values()))
             e = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(e, UnsafeCheckpointError):  # a tampered file is its own error, not a model mismatch
+            raise UnsafeCheckpointError(str(e)) from None
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"checkpoint {folder} cannot be loaded into this model ({type(e).__name__}: {first}); "
                          "check the model config, or re-save / re-convert the checkpoint") from None
