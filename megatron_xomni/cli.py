@@ -9,6 +9,7 @@
     xomni submit RECIPE --nodes N [--dry-run] [key=value ...]   (SLURM, any stage)
     xomni convert hf-to-megatron|megatron-to-hf ...   (megatron_xomni.conversion.cli)
     xomni demo [--out DIR] [--smoke]            (the tiny end-to-end pipeline)
+    xomni scaling plan|launch|collect|fit|tiny ...   (scaling-law sweeps: megatron_xomni.scaling.cli)
 
 Model parts come from `--bundle DIR` (subfolders model/ text_tokenizer/ image_tokenizer/ decoder/) or from
 --model / --text-tokenizer / --image-tokenizer / --decoder (which also override a bundle's parts).
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USAGE = 2
-DELEGATED = ("train", "tokenize", "convert", "demo", "submit")
+DELEGATED = ("train", "tokenize", "convert", "demo", "submit", "scaling")
 
 
 class UsageError(ValueError):
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("tokenize", "tokenize a corpus: xomni tokenize tiny_tokenize corpus=DIR save_dir=OUT"),
                        ("convert", "convert checkpoints (HF <-> megatron): xomni convert --help"),
                        ("submit", "submit any recipe to SLURM: xomni submit RECIPE --nodes N [--dry-run] [key=value ...]"),
-                       ("demo", "run the tiny end-to-end pipeline: xomni demo [--out DIR] [--smoke]")):
+                       ("demo", "run the tiny end-to-end pipeline: xomni demo [--out DIR] [--smoke]"),
+                       ("scaling", "scaling-law sweeps: xomni scaling plan|launch|collect|fit|tiny --help")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -492,6 +494,12 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _scaling(argv: list[str]) -> int:
+    from megatron_xomni.scaling.cli import main as scaling_main
+
+    return scaling_main(argv)
+
+
 # ------------------------------------------------------------------------------------------ entry
 def _error(msg: str) -> int:
     if _rank() == 0 or os.environ.get("RANK") is None:
@@ -519,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] in DELEGATED:
         try:
             return {"train": _train, "tokenize": _tokenize, "convert": _convert, "demo": _demo,
-                    "submit": _submit}[argv[0]](argv[1:]) or 0
+                    "submit": _submit, "scaling": _scaling}[argv[0]](argv[1:]) or 0
         except UsageError as e:
             return _error(str(e))
     parser = build_parser()

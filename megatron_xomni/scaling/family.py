@@ -14,7 +14,13 @@ Rules for depth d (every constant is a field of `ModelFamily`):
 - vision blocks: round(d / 7) adapter blocks and as many head blocks, at least 1 each
   (X-Omni: 4 + 4 around 28 LM layers, so depth 28 reproduces its layout);
 - learning rate: lr_ref * sqrt(hidden_ref / hidden), i.e. lr ∝ 1/sqrt(width) (nanochat's
-  muP-free AdamW scaling), anchored at GPT-3 Small's 6e-4 for hidden 768.
+  muP-free AdamW scaling), anchored at GPT-3 Small's 6e-4 for hidden 768;
+- global batch: batch_coeff * C^batch_exponent tokens for a run of C training FLOPs, DeepSeek
+  LLM's fitted rule (Bi et al. 2024, eq. 1: B_opt = 0.292 C^0.3271), as sequences of the run's
+  length rounded to a multiple of micro-batch x data-parallel size (at least one). The batch
+  depends on the compute, not on the size, so the runs of one iso-FLOP budget share one batch and
+  differ only in size and steps. The rule was fitted at 1e17-3e20 FLOPs; far below that (the CPU
+  sweeps) it is an extrapolation, which `batch_coeff` / `batch_exponent` can replace.
 Everything else (vocabularies, RoPE, norm epsilon, positions, init std) comes from the `base`
 preset, with `base_overrides` (e.g. the real tokenizer's vocabulary sizes).
 """
@@ -53,6 +59,9 @@ class ModelFamily:
     """One vision adapter block and one vision head block per this many LM layers (at least 1)."""
     lr_ref: float = 6e-4
     lr_ref_hidden: int = 768
+    batch_coeff: float = 0.292
+    batch_exponent: float = 0.3271
+    """Global batch in tokens = batch_coeff * C^batch_exponent (C: the run's training FLOPs)."""
 
     # ---- the rules ------------------------------------------------------------------------
     def _check_depth(self, depth: int) -> None:
@@ -79,6 +88,19 @@ class ModelFamily:
 
     def learning_rate(self, depth: int) -> float:
         return self.lr_ref * math.sqrt(self.lr_ref_hidden / self.hidden_size(depth))
+
+    def batch_tokens(self, flops: float) -> float:
+        """Tokens per optimizer step for a run of `flops` training FLOPs (before rounding)."""
+        if not flops > 0:
+            raise ValueError(f"flops={flops!r} must be positive (a run's training FLOPs)")
+        return self.batch_coeff * flops ** self.batch_exponent
+
+    def global_batch_size(self, flops: float, seq_length: int, multiple: int = 1) -> int:
+        """Sequences per optimizer step: `batch_tokens` over `seq_length`, rounded to the nearest
+        multiple of `multiple` (micro-batch size x data-parallel size), at least `multiple`."""
+        if seq_length < 1 or multiple < 1:
+            raise ValueError(f"seq_length={seq_length} and multiple={multiple} must be >= 1")
+        return max(1, round(self.batch_tokens(flops) / seq_length / multiple)) * multiple
 
     def member(self, depth: int) -> XOmniModelConfig:
         """The model config at this depth."""
@@ -135,6 +157,18 @@ class ModelFamily:
                 f"{m.num_query_groups} KV heads, {m.num_layers_total} layers) does not fit TP={tp} "
                 f"PP={pp}: {e}{hint}") from None
         return m
+
+
+SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "num_vision_adapter_layers", "num_vision_head_layers")
+"""The model fields a family member sets; every other field comes from the base."""
+
+
+def family_for(model: XOmniModelConfig, **rules) -> ModelFamily:
+    """The family whose members are `model` (e.g. a recipe's, with its vocabularies, RoPE and init)
+    with the size fields replaced by the depth's; `rules` set the other ModelFamily fields."""
+    base = {k: v for k, v in model.to_dict().items() if k not in SIZE_FIELDS}
+    return ModelFamily(base_overrides=base, **rules)
 
 
 DEFAULT_FAMILY = ModelFamily()

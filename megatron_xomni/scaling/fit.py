@@ -24,6 +24,7 @@ redrawing a budget's resample when it has < 3 distinct sizes or no minimum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -127,7 +128,9 @@ _GRID = np.array(list(itertools.product(
     np.arange(0.0, 2.5, 0.5),  # alpha
     np.arange(0.0, 2.5, 0.5),  # beta
 )))
-_BOUNDS = [(None, None), (None, None), (None, None), (0.0, 5.0), (0.0, 5.0)]
+EXPONENT_BOUNDS = (0.0, 5.0)
+"""L-BFGS-B's box for alpha and beta."""
+_BOUNDS = [(None, None), (None, None), (None, None), EXPONENT_BOUNDS, EXPONENT_BOUNDS]
 
 
 def _huber(r, delta):
@@ -371,6 +374,8 @@ class Approach2Fit:
     """Bootstrap power laws [n_bootstrap, 4], columns log G, a, log H, b."""
     redraws: int
     """Budget resamples redrawn for < 3 distinct sizes or no minimum."""
+    dropped: list = dataclasses.field(default_factory=list)
+    """Budgets left out because their loss has no minimum in log N (`drop_flat=True`)."""
 
     def _at(self, flops, log_col, exp_col):
         f = lambda p: np.exp(p[..., log_col] + p[..., exp_col] * math.log(flops))  # noqa: E731
@@ -391,11 +396,12 @@ class Approach2Fit:
 @_one_blas_thread
 def fit_approach2(runs: Sequence[Run], *, flops_per_token: Optional[FlopsPerToken] = None,
                   n_bootstrap: int = 200, confidence: float = 0.9, seed=0,
-                  budget_rtol: float = 0.1) -> Approach2Fit:
+                  budget_rtol: float = 0.1, drop_flat: bool = False) -> Approach2Fit:
     """Iso-FLOP parabolas per budget, then N_opt(C) and D_opt(C) power laws with intervals.
 
     flops_per_token: D_opt = C / flops_per_token(N_opt); None takes D_opt from the runs (log D
-    regressed on log N within each budget).
+    regressed on log N within each budget). drop_flat: leave out (and list in `dropped`) a budget
+    whose parabola has no minimum instead of refusing the fit; >= 2 budgets must remain.
     """
     _check_confidence(confidence, n_bootstrap)
     _arrays(runs)
@@ -411,13 +417,22 @@ def fit_approach2(runs: Sequence[Run], *, flops_per_token: Optional[FlopsPerToke
             raise ValueError(f"approach 2 needs >= 3 model sizes per compute budget, but budget "
                              f"{c:.3g} FLOPs has {sizes.size}: add sizes to that budget or drop it")
         data.append((c, n, d, loss))
-    budgets = []
+    budgets, dropped, kept = [], [], []
     for c, n, d, loss in data:
         v = _vertex(c, n, d, loss, flops_per_token)
         if v is None:
+            if drop_flat:
+                dropped.append(c)
+                continue
             raise ValueError(f"budget {c:.3g} FLOPs: loss vs log N has no minimum (the parabola opens "
                              "downward): widen the size range around the optimum")
         budgets.append(IsoFlopBudget(c, n, d, loss, tuple(map(float, v[0])), *map(float, v[1:])))
+        kept.append((c, n, d, loss))
+    if len(budgets) < 2:
+        raise ValueError(f"approach 2 needs >= 2 budgets whose loss has a minimum in log N; "
+                         f"{len(dropped)} of {len(data)} have none ({', '.join(f'{c:.3g}' for c in dropped)} FLOPs): "
+                         "widen the size range around the optimum")
+    data = kept
     cs = np.array([b.flops for b in budgets])
     point = np.array([*_power_law(cs, [b.params_opt for b in budgets]),
                       *_power_law(cs, [b.tokens_opt for b in budgets])])
@@ -442,7 +457,7 @@ def fit_approach2(runs: Sequence[Run], *, flops_per_token: Optional[FlopsPerToke
     e = {k: estimate(point[i], samples[:, i], confidence) for i, k in enumerate(APPROACH2_PARAMS)}
     expo = lambda x: Estimate(math.exp(x.value), math.exp(x.low), math.exp(x.high))  # noqa: E731
     return Approach2Fit(budgets, e["a"], expo(e["log_G"]), e["b"], expo(e["log_H"]), confidence,
-                        samples, redraws)
+                        samples, redraws, dropped)
 
 
 # ---- a table of runs with several losses -----------------------------------------------------
@@ -456,9 +471,11 @@ class LossFit:
     column: str
     runs: list[Run]
     approach3: Approach3Fit
-    approach2: Approach2Fit
+    approach2: Optional[Approach2Fit]
     skipped: int
     """Rows without a finite value in this column (e.g. text-only runs for image_loss)."""
+    approach2_note: str = ""
+    """Why approach 2 is missing (not an iso-FLOP design, or no usable budgets)."""
 
 
 def _number(row, key):
@@ -490,21 +507,56 @@ def runs_from_table(rows, loss_column: str) -> tuple[list[Run], int]:
 
 def fit_table(rows, columns: Sequence[str] = TABLE_LOSSES, *, n_bootstrap: int = 200,
               confidence: float = 0.9, seed=0, flops_per_token: Optional[FlopsPerToken] = None,
-              **approach3_kwargs) -> dict[str, LossFit]:
+              approach2: Optional[bool] = None, **approach3_kwargs) -> dict[str, LossFit]:
     """Fit approaches 3 and 2 separately to each loss column (text and image loss by default).
 
     flops_per_token goes to approach 2 (D_opt = C / flops_per_token(N_opt)); None takes D from
-    the runs."""
+    the runs. approach2: True fits it (errors raise), None fits it when every run has a budget (an
+    iso-FLOP design), dropping budgets without a minimum and noting why it is missing otherwise;
+    False skips it."""
     rows = list(rows)
     out = {}
     for col in columns:
         runs, skipped = runs_from_table(rows, col)
+        a2, note = None, ""
         try:
             a3 = fit_approach3(runs, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed,
                                **approach3_kwargs)
-            a2 = fit_approach2(runs, flops_per_token=flops_per_token, n_bootstrap=n_bootstrap,
-                               confidence=confidence, seed=seed)
+            if approach2 is None and not all(r.budget is not None for r in runs):
+                note = "not an iso-FLOP design (runs without a compute budget)"
+            elif approach2 is not False:
+                try:
+                    a2 = fit_approach2(runs, flops_per_token=flops_per_token, n_bootstrap=n_bootstrap,
+                                       confidence=confidence, seed=seed, drop_flat=approach2 is None)
+                except ValueError as e:
+                    if approach2:
+                        raise
+                    note = str(e)
+            else:
+                note = "not requested"
         except ValueError as e:
             raise ValueError(f"{col}: {e}") from None
-        out[col] = LossFit(col, runs, a3, a2, skipped)
+        out[col] = LossFit(col, runs, a3, a2, skipped, note)
     return out
+
+
+def compute_relation(runs: Sequence[Run]) -> FlopsPerToken:
+    """FLOPs per token as a function of N from the runs themselves (C / D per size), interpolated
+    piecewise linearly in log-log space and extended along the end segments (one size: C/D ∝ N)."""
+    pts = {}
+    for r in runs:
+        pts.setdefault(r.params, []).append(r.flops / r.tokens)
+    if not pts:
+        raise ValueError("no runs to take the compute relation from")
+    x = np.log(np.array(sorted(pts)))
+    y = np.log(np.array([np.mean(pts[k]) for k in sorted(pts)]))
+
+    def fpt(params):
+        u = np.log(np.asarray(params, dtype=float))
+        if x.size == 1:
+            return np.exp(y[0] + (u - x[0]))
+        lo = y[0] + (u - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+        hi = y[-1] + (u - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return np.exp(np.where(u < x[0], lo, np.where(u > x[-1], hi, np.interp(u, x, y))))
+
+    return fpt

@@ -9,6 +9,12 @@ are validated as running where Transformer Engine is installed (context parallel
 Stages that run as one process (corpus tokenization, the text tokenizer) get one node and one rank.
 Every value written into the script is validated or shell-quoted: no value can add a line.
 
+Array mode (`array_spec`, used by `xomni scaling launch --slurm`): ONE job array over many runs of
+one resource shape, `#SBATCH --array=<indices>`, the same template and checks. Every run's recipe
+and overrides are loaded and validated for the world size before anything is submitted; each
+element runs `python -m ENTRY FILE` and picks its run from FILE by $SLURM_ARRAY_TASK_ID, so no
+run's values are written into the script at all. Logs are <run_dir>/logs/<name>-<array id>_<index>.out.
+
 Examples:
   xomni submit xomni_7b_pt1 --nodes 16 --partition gpu --time 48:00:00 parallel.tensor_parallel=4
   xomni submit tiny_pt --nodes 1 --ranks-per-node 2 --dry-run      # CPU, show the script only
@@ -82,6 +88,8 @@ class JobSpec:
     """Job working directory: where `xomni submit` ran, so relative paths mean the same there."""
     nccl_debug: str = "WARN"
     """NCCL_DEBUG level for the job."""
+    array: Optional[str] = None
+    """Job array indices (sbatch --array syntax: 0-11, 1,3-5, 0-11%4): one element per run."""
 
     @property
     def world_size(self) -> int:
@@ -123,6 +131,7 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@,:=~-]+$")
 _SAFE_WORD = re.compile(r"^[A-Za-z0-9_.,:+-]+$")
 _SBATCH_OPT = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_./+@,:=%~-]+)?$")
 _NCCL_LEVELS = ("VERSION", "WARN", "INFO", "TRACE")
+_ARRAY = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?$")
 
 
 def _check_values(spec: JobSpec) -> None:
@@ -139,6 +148,8 @@ def _check_values(spec: JobSpec) -> None:
         if not _SBATCH_OPT.match(opt):
             raise SubmitError(f"--sbatch-arg {opt!r}: give one sbatch option as --name or --name=value "
                               "(no spaces, quotes or newlines)")
+    if spec.array is not None and not _ARRAY.match(spec.array):
+        raise SubmitError(f"job array indices {spec.array!r}: use sbatch's --array form, e.g. 0-11, 1,3-5 or 0-11%4")
     if spec.nccl_debug not in _NCCL_LEVELS:
         raise SubmitError(f"NCCL debug level {spec.nccl_debug!r}: use one of {', '.join(_NCCL_LEVELS)}")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", spec.entry_module):
@@ -157,6 +168,9 @@ def render(spec: JobSpec, template: Path = TEMPLATE) -> str:
     q = shlex.quote
     values: dict[str, Any] = {
         "job_name": spec.job_name,
+        "array_directive": f"#SBATCH --array={spec.array}" if spec.array else "# (not a job array)",
+        # %A_%a: array job id and element index, one log per element
+        "log_pattern": "%x-%A_%a" if spec.array else "%x-%j",
         "nodes": spec.nodes,
         "nproc_per_node": spec.nproc_per_node,
         "world_size": spec.world_size,
@@ -248,21 +262,10 @@ def _one_line(e: BaseException) -> str:
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="xomni submit",
-        description=__doc__.split("Examples:")[0].strip(),
-        epilog="Examples:" + __doc__.split("Examples:")[1]
-        + "\nExit codes: 0 submitted (or dry run), 2 bad request/layout (nothing submitted), "
-        "other: sbatch failed.\nThe job requeues itself when the trainer exits with code 3 "
-        "(it saved a checkpoint after SIGUSR1/SIGTERM) and resumes from <save_dir>.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("recipe", help="recipe name of any stage (xomni train --help lists them), e.g. tiny_pt, xomni_7b_pt1")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides, e.g. parallel.tensor_parallel=4 save_dir=/ckpt/run1")
+def add_resource_args(p: argparse.ArgumentParser, nodes_required: bool = True) -> None:
+    """The resource options (nodes, ranks, partition, time, ...), shared with `xomni scaling launch`."""
     g = p.add_argument_group("resources")
-    g.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    g.add_argument("--nodes", type=int, required=nodes_required, default=None, help="number of nodes")
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help=f"GPUs per node = ranks per node (default {DEFAULT_GPUS_PER_NODE})")
     g.add_argument("--ranks-per-node", type=int, default=None, metavar="K",
@@ -281,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
                    help="extra sbatch option written into the script, repeatable; use the = form: "
                    "--sbatch-arg=--mem=0 --sbatch-arg=--qos=high")
+    g.add_argument("--python", default=sys.executable,
+                   help="Python on the compute nodes (default: this one, %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xomni submit",
+        description=__doc__.split("Examples:")[0].strip(),
+        epilog="Examples:" + __doc__.split("Examples:")[1]
+        + "\nExit codes: 0 submitted (or dry run), 2 bad request/layout (nothing submitted), "
+        "other: sbatch failed.\nThe job requeues itself when the trainer exits with code 3 "
+        "(it saved a checkpoint after SIGUSR1/SIGTERM) and resumes from <save_dir>.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe name of any stage (xomni train --help lists them), e.g. tiny_pt, xomni_7b_pt1")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides, e.g. parallel.tensor_parallel=4 save_dir=/ckpt/run1")
+    add_resource_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--dry-run", action="store_true",
                    help="print the rendered script and the sbatch command; submit nothing, write nothing")
@@ -292,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--recipe-loader", default="megatron_xomni.recipes:load_recipe",
                    metavar="MODULE:FUNC",
                    help="function(name, overrides) -> a stage's run config (default %(default)s)")
-    a.add_argument("--python", default=sys.executable,
-                   help="Python on the compute nodes (default: this one, %(default)s)")
     return p
 
 
@@ -308,7 +327,8 @@ def _seconds(limit: str) -> int:
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
 
 
-def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, Any]:
+def _resources(args: argparse.Namespace) -> tuple[int, int, Optional[int]]:
+    """(GPUs per node, ranks per node, CPUs per task) from the resource options, checked."""
     if args.nodes < 1:
         raise SubmitError(f"--nodes {args.nodes}: need at least 1 node")
     if args.ranks_per_node is not None:
@@ -330,12 +350,27 @@ def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, Any]:
     if _seconds(args.time) <= args.signal_lead:
         raise SubmitError(f"--time {args.time} is not longer than --signal-lead {args.signal_lead} s: "
                           "raise --time or lower --signal-lead")
-    for o in args.overrides:
+    return gpus, nproc, cpus
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for o in overrides:
         if "=" not in o:
             raise SubmitError(f"override {o!r} is not key=value")
         if any(ord(c) < 32 or ord(c) == 127 for c in o):
             raise SubmitError(f"override {o!r} holds a control character (a newline?): remove it")
 
+
+def _spec(args: argparse.Namespace, gpus: int, nproc: int, cpus: Optional[int], **fields) -> JobSpec:
+    return JobSpec(nodes=args.nodes, nproc_per_node=nproc, gpus_per_node=gpus, time_limit=args.time,
+                   signal_lead=args.signal_lead, partition=args.partition, account=args.account,
+                   cpus_per_task=cpus, max_requeues=args.max_requeues, sbatch_args=list(args.sbatch_arg),
+                   python=args.python, **fields)
+
+
+def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, Any]:
+    gpus, nproc, cpus = _resources(args)
+    _check_overrides(args.overrides)
     if not _distributed(args.recipe_loader, args.recipe, args.overrides):
         if args.nodes != 1:
             raise SubmitError(f"recipe {args.recipe} runs as one process that starts its own workers: use --nodes 1")
@@ -347,14 +382,94 @@ def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         raise SubmitError(f"run name {name!r}: use letters, digits and _.+- only (it names files)")
     # A relative save_dir is relative to the job's working directory: where this command runs.
     run_dir = args.run_dir or (Path.cwd() / str(cfg.save_dir) / "slurm")
-    spec = JobSpec(
-        recipe=args.recipe, overrides=list(args.overrides), job_name=name, nodes=args.nodes,
-        nproc_per_node=nproc, gpus_per_node=gpus, run_dir=run_dir.resolve(),
-        time_limit=args.time, signal_lead=args.signal_lead, partition=args.partition,
-        account=args.account, cpus_per_task=cpus, max_requeues=args.max_requeues,
-        sbatch_args=list(args.sbatch_arg), entry_module=args.entry, python=args.python,
-    )
+    spec = _spec(args, gpus, nproc, cpus, recipe=args.recipe, overrides=list(args.overrides), job_name=name,
+                 run_dir=run_dir.resolve(), entry_module=args.entry)
     return spec, cfg
+
+
+def array_indices(indices: list[int], max_parallel: Optional[int] = None) -> str:
+    """sbatch --array text for these element indices: runs of consecutive ones as ranges (1,3-5)."""
+    if not indices or any(i < 0 for i in indices) or len(set(indices)) != len(indices):
+        raise SubmitError(f"job array indices {indices}: need distinct indices >= 0")
+    parts, xs = [], sorted(indices)
+    start = prev = xs[0]
+    for i in xs[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    if max_parallel is not None and max_parallel < 1:
+        raise SubmitError(f"--max-parallel {max_parallel}: need at least 1")
+    return ",".join(parts) + (f"%{max_parallel}" if max_parallel else "")
+
+
+def array_spec(args: argparse.Namespace, runs: list[tuple[str, list[str]]], indices: list[int], *,
+               job_name: str, run_dir: Path, entry_module: str, entry_file: Path,
+               max_parallel: Optional[int] = None, world_size: Optional[int] = None,
+               recipe_loader: str = "megatron_xomni.recipes:load_recipe") -> JobSpec:
+    """One job array whose element i runs `python -m entry_module entry_file` and picks its run from
+    entry_file by $SLURM_ARRAY_TASK_ID. `runs` holds (recipe, overrides) of every element in
+    `indices`; each is loaded and validated for the job's world size first (SubmitError otherwise).
+    `args` carries the resource options (`add_resource_args`); `world_size`: the one the runs were
+    planned for, refused when the resources give another."""
+    gpus, nproc, cpus = _resources(args)
+    if world_size is not None and args.nodes * nproc != world_size:
+        raise SubmitError(f"the runs were planned and validated for world size {world_size}, not "
+                          f"{args.nodes * nproc} ({args.nodes} node(s) x {nproc} ranks): request "
+                          f"{world_size} ranks per element, or plan them again for {args.nodes * nproc}")
+    if not _NAME_OK.match(job_name):
+        raise SubmitError(f"job name {job_name!r}: use letters, digits and _.+- only (it names files)")
+    if len(runs) != len(indices):
+        raise SubmitError(f"{len(runs)} runs for {len(indices)} array indices")
+    for recipe, overrides in runs:
+        _check_overrides(overrides)
+        if not _distributed(recipe_loader, recipe, overrides):
+            raise SubmitError(f"recipe {recipe} runs as one process: it cannot be a job array element")
+        load_and_validate(recipe_loader, recipe, overrides, args.nodes * nproc, gpu_job=gpus > 0)
+    return _spec(args, gpus, nproc, cpus, recipe=str(entry_file), overrides=[], job_name=job_name,
+                 run_dir=Path(run_dir).resolve(), entry_module=entry_module,
+                 array=array_indices(indices, max_parallel))
+
+
+def submit_spec(spec: JobSpec, dry_run: bool, files: Optional[dict[Path, str]] = None,
+                prog: str = "xomni submit") -> int:
+    """Render and submit `spec` (print the script instead when `dry_run`); `files` are written next
+    to the script first (e.g. the frozen run list of a job array), never in a dry run. Prints the
+    job id on stdout; returns the exit code."""
+    try:
+        script = render(spec)
+    except SubmitError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    command = ["sbatch", "--parsable", str(spec.script_path)]
+    if dry_run:
+        print(script)
+        print(f"# would run: {shlex.join(command)}")
+        return 0
+    if shutil.which("sbatch") is None:
+        print(f"{prog}: error: sbatch is not on PATH (use --dry-run to only render the script)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    spec.log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log folder
+    for path, text in (files or {}).items():
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    spec.script_path.write_text(script)
+    spec.script_path.chmod(0o755)
+    res = subprocess.run(command, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"{prog}: sbatch failed ({res.returncode}): {res.stderr.strip()}", file=sys.stderr)
+        return res.returncode
+    job_id = res.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+    print(job_id)
+    log = f"{spec.job_name}-{job_id}_<index>.out" if spec.array else f"{spec.job_name}-{job_id}.out"
+    what = f"array {spec.array} of {spec.world_size}-rank jobs" if spec.array else f"{spec.world_size} ranks"
+    print(f"submitted {spec.job_name} as job {job_id}: {what} ({spec.nodes} x {spec.nproc_per_node}); "
+          f"script {spec.script_path}; log {spec.log_dir}/{log}", file=sys.stderr)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -362,33 +477,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # intermixed: options may follow the key=value overrides
     args = parser.parse_intermixed_args(argv)
     try:
-        spec, cfg = spec_from_args(args)
-        script = render(spec)
+        spec, _ = spec_from_args(args)
     except SubmitError as e:
         print(f"xomni submit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    command = ["sbatch", "--parsable", str(spec.script_path)]
-    if args.dry_run:
-        print(script)
-        print(f"# would run: {shlex.join(command)}")
-        return 0
-    if shutil.which("sbatch") is None:
-        print("xomni submit: error: sbatch is not on PATH (use --dry-run to only render the script)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    spec.log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log folder
-    spec.script_path.write_text(script)
-    spec.script_path.chmod(0o755)
-    res = subprocess.run(command, capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"xomni submit: sbatch failed ({res.returncode}): {res.stderr.strip()}", file=sys.stderr)
-        return res.returncode
-    job_id = res.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
-    print(job_id)
-    print(f"submitted {spec.job_name} as job {job_id}: {spec.world_size} ranks "
-          f"({spec.nodes} x {spec.nproc_per_node}); script {spec.script_path}; "
-          f"log {spec.log_dir}/{spec.job_name}-{job_id}.out", file=sys.stderr)
-    return 0
+    return submit_spec(spec, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,32 @@ def test_param_counts_match_built_members():
     (built,) = run_ranks(_build, 1, (1, 3))
     for d, n in built.items():
         assert param_counts(DEFAULT_FAMILY.member(d)).total == n
+
+
+def test_batch_rule_is_deepseeks_in_whole_micro_batches():
+    f = ModelFamily()
+    for c in (1e10, 3.3e12, 1e17, 3e20):
+        tokens = 0.292 * c**0.3271  # Bi et al. 2024 (DeepSeek LLM), eq. 1
+        assert f.batch_tokens(c) == pytest.approx(tokens, rel=1e-12)
+        for seq, multiple in ((64, 1), (64, 8), (4096, 16), (16384, 256)):
+            gbs = f.global_batch_size(c, seq, multiple)
+            assert gbs % multiple == 0 and gbs >= multiple
+            assert abs(gbs - tokens / seq) <= multiple / 2 or gbs == multiple
+    # 3e20 FLOPs (DeepSeek's largest fitted budget): 1.457e6 tokens = 355.7 sequences of 4096 -> 22 x 16
+    assert f.global_batch_size(3e20, 4096, 16) == 352
+    assert f.global_batch_size(3e20, 16384, 256) == 256  # 88.9 sequences: at least one multiple
+    assert ModelFamily(batch_coeff=1.0, batch_exponent=0.0).global_batch_size(1e20, 1) == 1
+    with pytest.raises(ValueError, match="must be positive"):
+        f.batch_tokens(0.0)
+
+
+def test_family_for_a_recipe_model_keeps_its_other_fields():
+    from megatron_xomni.models.xomni.config import model_preset
+    from megatron_xomni.scaling.family import SIZE_FIELDS, family_for
+
+    base = model_preset("tiny", text_vocab_size=640, rotary_base=5e5, init_method_std=0.01)
+    m = family_for(base, aspect_ratio=32, head_dim=16).member(3)
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups) == (3, 96, 6, 1)
+    for k, v in base.to_dict().items():
+        if k not in SIZE_FIELDS:
+            assert getattr(m, k) == v, k
