@@ -238,3 +238,17 @@ def test_micro_sweep_plan_launch_collect_fit(data, tmp_path, monkeypatch):
         rc, out, err = cli(command, str(sw))
         assert rc == 2 and len(err.strip().splitlines()) == 1, (out, err)
         assert "was started with another config than the sweep plans (optim.lr, optim.min_lr)" in err, err
+
+
+def test_help_runs_as_a_script():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "megatron_xomni.cli", "scaling", "launch", "--help"],
+                         capture_output=True, text=True, timeout=120, cwd="/")
+    assert res.returncode == 0, res.stderr
+    for needle in ("--slurm", "--dry-run", "--nodes", "--ranks-per-node", "--max-parallel", "--torchrun"):
+        assert needle in res.stdout, needle
+    res = subprocess.run([sys.executable, "-m", "megatron_xomni.cli", "scaling"], capture_output=True, text=True,
+                         timeout=120, cwd="/")
+    assert res.returncode == 2 and "plan" in res.stdout and "collect" in res.stdout
