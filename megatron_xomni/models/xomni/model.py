@@ -21,6 +21,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.gpt import GPTModel
 
 from megatron_xomni.models.xomni.config import XOmniModelConfig
+from megatron_xomni.models.xomni.cpu_linear import route_cpu_gemms
 from megatron_xomni.models.xomni.layer_spec import xomni_block_spec
 from megatron_xomni.models.xomni.layers import ImagePositions, _ReadsImagePositions
 
@@ -83,6 +84,8 @@ class XOmniModel(GPTModel):
         for module in self.modules():
             if isinstance(module, _ReadsImagePositions):
                 module.image_positions = self.image_positions
+        # CPU-only machines: the linears' fp32 GEMMs run on oneDNN instead of MKL (cpu_linear.py).
+        route_cpu_gemms(self)
 
     # ---- helpers -------------------------------------------------------------------------
     def _local_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
