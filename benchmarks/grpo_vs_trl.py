@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--completion-len", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=3, help="timed steps of each (after one untimed)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each (after one untimed)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
