@@ -22,7 +22,9 @@ Megatron optimizer). TRL's step is one `GRPOTrainer` optimizer step (transformer
 reward, loss, backward, AdamW), timed from a callback; after each TRL step the callback runs one
 of ours, so the two alternate in one process (load from other jobs hits both alike). The first
 step of each is untimed. TRL runs with megatron_xomni's CPU TorchFunctionMode popped (its native
-speed); ours with it pushed, as in training.
+speed); ours with it pushed, as in training. A third row (`--no-mkl-row` drops it) runs our step with
+the CPU GEMMs on MKL (models/xomni/cpu_linear.set_enabled(False), the kernel transformers and TRL use)
+instead of oneDNN: the same-kernel comparison.
 
 Prints per-step wall and CPU seconds (this process, `time.process_time`: leaves out the time the
 scheduler gives to other processes), the generation/update split, samples/s and the ratio.
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=5, help="timed steps of each (after one untimed)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-mkl-row", action="store_true", help="skip our step with MKL GEMMs (same kernel as TRL)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     from megatron_xomni import cpu_compat
     from megatron_xomni.inference.generation import RolloutConfig, generate_text
     from megatron_xomni.inference.sampling import SamplingConfig
+    from megatron_xomni.models.xomni import cpu_linear
     from megatron_xomni.parallel import destroy_parallel
     from megatron_xomni.rl.grpo import GRPOConfig, GRPOStep
 
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
                       micro_batch_size=args.micro_batch, num_minibatches=1, ppo_epochs=1)
     grpo = GRPOStep(wrapped, opt, pg, gcfg)
     sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    ours_times, ours_split, ours_rewards = [], [], []
+    ours_times, mkl_times = [], []
 
     def our_step(step: int):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -199,8 +203,7 @@ def main(argv=None) -> int:
         stats = grpo(rollouts, rewards)
         assert stats["updates_ok"] and stats["num_updates"] == 1
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        ours_rewards.append(sum(rewards) / len(rewards))
-        return wall, cpu, t_gen
+        return wall, cpu, t_gen, sum(rewards) / len(rewards)
 
     # ---- TRL ----------------------------------------------------------------------------------
     trl_cfg = TRLConfig(
@@ -238,6 +241,12 @@ def main(argv=None) -> int:
             trl_times.append((time.perf_counter() - marks["t"], time.process_time() - marks["c"]))
             with _megatron_mode():
                 ours_times.append(our_step(state.global_step - 1))
+                if not args.no_mkl_row:
+                    cpu_linear.set_enabled(False)
+                    try:
+                        mkl_times.append(our_step(state.global_step - 1))
+                    finally:
+                        cpu_linear.set_enabled(True)
             marks["t"], marks["c"] = time.perf_counter(), time.process_time()
 
     dataset = Dataset.from_dict({"prompt": prompt_text})
@@ -250,21 +259,27 @@ def main(argv=None) -> int:
     def med(xs):
         return statistics.median(xs[1:])  # the first step is the warm-up
 
-    o_wall, o_cpu = med([t[0] for t in ours_times]), med([t[1] for t in ours_times])
-    o_gen = med([t[2] for t in ours_times])
+    def split(times):
+        return med([t[0] for t in times]), med([t[1] for t in times]), med([t[2] for t in times])
+
     t_wall, t_cpu = med([t[0] for t in trl_times]), med([t[1] for t in trl_times])
     t_gen = med(trl_gen)
+    rows_out = [("megatron-xomni", *split(ours_times))]
+    if mkl_times:
+        rows_out.append(("megatron-xomni, MKL", *split(mkl_times)))
+    rows_out.append(("TRL GRPOTrainer", t_wall, t_cpu, t_gen))
     print(f"config: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}; {args.prompts} prompts x G={args.group} = {rows} samples/step, prompt "
           f"{args.prompt_len}, completion {args.completion_len}, micro-batch {args.micro_batch}; "
           f"torch threads {torch.get_num_threads()}; {args.steps} timed steps after 1 untimed")
     print(f"start: max |log-prob difference| ours vs HF = {start_diff:.2e}")
-    for name, wall, cpu, gen in (("megatron-xomni", o_wall, o_cpu, o_gen), ("TRL GRPOTrainer", t_wall, t_cpu, t_gen)):
-        print(f"{name:>16}: {wall:6.2f} s/step wall ({cpu:6.2f} CPU s), generation {gen:5.2f} s, "
+    for name, wall, cpu, gen in rows_out:
+        print(f"{name:>20}: {wall:6.2f} s/step wall ({cpu:6.2f} CPU s), generation {gen:5.2f} s, "
               f"rest {wall - gen:5.2f} s  ->  {rows / wall:6.1f} samples/s ({rows / cpu:6.1f} per CPU s)")
-    print(f"ratio (ours / TRL samples/s): {t_wall / o_wall:.2f}x wall, {t_cpu / o_cpu:.2f}x CPU seconds; "
-          f"generation {t_gen / o_gen:.2f}x, rest {(t_wall - t_gen) / (o_wall - o_gen):.2f}x")
-    print(f"mean reward per step: ours {[round(r, 3) for r in ours_rewards]}, TRL {[round(r, 3) for r in trl_rewards]}")
+    for name, wall, cpu, gen in rows_out[:-1]:
+        print(f"ratio ({name} / TRL samples/s): {t_wall / wall:.2f}x wall, {t_cpu / cpu:.2f}x CPU seconds; "
+              f"generation {t_gen / gen:.2f}x, rest {(t_wall - t_gen) / (wall - gen):.2f}x")
+    print(f"mean reward per step: ours {[round(t[3], 3) for t in ours_times]}, TRL {[round(r, 3) for r in trl_rewards]}")
     destroy_parallel()
     return 0
 

@@ -15,7 +15,8 @@ gradient's all-reduce over TP for column-parallel layers) are megatron-core's. O
 routed (cuBLAS is the kernel there either way). Results agree with MKL's to fp32 rounding (a
 different summation order), checked against a float64 reference in tests/models/xomni/test_cpu_linear.py.
 
-`set_enabled(False)` sends every call back to megatron-core's function (A/B in benchmarks).
+`set_enabled(False)` sends every call back to megatron-core's function, and the lean decode path's
+linears (inference/decode.py) to F.linear: the same-kernel (MKL) comparison in the benchmarks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN's fixed cost per call (~10 us) loses to MKL below about a million multiply-adds.
-_MIN_MACS = 1 << 20
+MIN_MACS = 1 << 20
 _enabled = True
 
 
@@ -44,7 +45,7 @@ def enabled() -> bool:
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ w.T (+ bias) for 2-D `a` [m, k] and `w` [n, k]; strided (transposed) operands are read as they are."""
-    if a.shape[0] * w.numel() < _MIN_MACS:
+    if a.shape[0] * w.numel() < MIN_MACS:
         return F.linear(a, w, bias)
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
