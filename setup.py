@@ -34,6 +34,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-timeout"],
+        # Benchmarks only (benchmarks/grpo_vs_trl.py): the peer GRPO trainer, never imported by the package.
+        # Versions checked with torch 2.13.0 and transformers 5.24.0.
+        "bench": ["trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
         # GPU-only: installable only where CUDA exists.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120", "nvidia-nvimgcodec-cu12", "optree"],
     },

@@ -66,9 +66,10 @@ def _hf_joint_vocab_model(xomni_dir, text_cfg):
     """Qwen2 over text + image ids from an X-Omni HF export with no vision blocks."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from megatron_xomni.conversion.hf_io import iter_safetensors
+    from megatron_xomni.conversion.hf_io import HFCheckpointReader
 
-    st = dict(iter_safetensors(xomni_dir))
+    reader = HFCheckpointReader(xomni_dir)
+    st = {name: reader.get(name) for name in reader.names_by_shard()}
     if not torch.equal(st["model.lm_norm.weight"], st["model.mm_norm.weight"]):
         raise SystemExit("the image norm differs from the text norm: a Qwen2 peer cannot express it")
     embed = torch.cat([st.pop("model.lm_embed_tokens.weight"), st.pop("model.mm_embed_tokens.weight")])

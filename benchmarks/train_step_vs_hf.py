@@ -2,12 +2,20 @@
 """Training-step throughput: this stack (megatron-core, local spec) vs transformers' Qwen2.
 
 Same Qwen-style config, same batch, same CPU threads, in one process, interleaved rounds.
-A step = forward + backward + AdamW update. Prints tokens/s for both and the ratio.
+A step = forward + backward + AdamW update. Three runs:
+  - megatron-xomni as built (on CPU its linears' fp32 GEMMs run on oneDNN, models/xomni/cpu_linear.py);
+  - megatron-xomni with that route off (megatron-core's torch.matmul, i.e. MKL, the kernel
+    transformers uses too): the same-kernel comparison;
+  - transformers' Qwen2ForCausalLM (sdpa attention by default).
+Prints the median over rounds of ms/step in wall and CPU seconds (this process; leaves out time
+the scheduler gives to other jobs), tokens/s and the ratios. `--profile` adds torch.profiler's
+top operators of one step of each run.
 
-  python benchmarks/train_step_vs_hf.py --layers 4 --hidden 512 --seq 512 --batch 4
+  OMP_NUM_THREADS=1 python benchmarks/train_step_vs_hf.py --layers 4 --hidden 512 --seq 512 --batch 4
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -26,6 +34,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--profile", action="store_true", help="print the top operators of one step of each run")
     args = p.parse_args()
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -72,22 +81,47 @@ def main():
         out.loss.backward()
         hf_opt.step()
 
-    for fn in (ours, theirs):  # warm-up
+    from megatron_xomni.models.xomni import cpu_linear
+
+    def ours_mkl():
+        cpu_linear.set_enabled(False)
+        try:
+            ours()
+        finally:
+            cpu_linear.set_enabled(True)
+
+    runs = [("megatron-xomni", ours), ("megatron-xomni, MKL", ours_mkl), ("transformers", theirs)]
+    for _, fn in runs:  # warm-up
         fn()
-    times = {"megatron-xomni": [], "transformers": []}
+    wall = {name: [] for name, _ in runs}
+    cpu = {name: [] for name, _ in runs}
     for _ in range(args.rounds):
-        for name, fn in (("megatron-xomni", ours), ("transformers", theirs)):
-            t0 = time.perf_counter()
+        for name, fn in runs:
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
+            wall[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
     tokens = args.batch * args.seq
-    best = {k: min(v) for k, v in times.items()}
+    w = {k: statistics.median(v) for k, v in wall.items()}
+    c = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"config: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, ffn {args.ffn}, "
-          f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, torch threads {torch.get_num_threads()}, HF attn {args.hf_attn}")
-    for k, v in best.items():
-        print(f"{k:>16}: {v * 1000:8.1f} ms/step  {tokens / v:10.0f} tokens/s")
-    print(f"ratio (megatron-xomni / transformers tokens/s): {best['transformers'] / best['megatron-xomni']:.3f}x")
+          f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, torch threads {torch.get_num_threads()}, "
+          f"HF attn {args.hf_attn}; median of {args.rounds} rounds x {args.steps} steps")
+    for k in w:
+        print(f"{k:>20}: {w[k] * 1000:8.1f} ms/step ({c[k] * 1000:8.1f} CPU ms)  {tokens / w[k]:8.0f} tokens/s "
+              f"({tokens / c[k]:8.0f} per CPU s)")
+    hf_w, hf_c = w["transformers"], c["transformers"]
+    for k in ("megatron-xomni", "megatron-xomni, MKL"):
+        print(f"ratio ({k} / transformers tokens/s): {hf_w / w[k]:.3f}x wall, {hf_c / c[k]:.3f}x CPU seconds")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in runs:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n== {name}: one step, top operators by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     destroy_parallel()
 
 

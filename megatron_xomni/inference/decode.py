@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from megatron.core.utils import unwrap_model
 
 from megatron_xomni import cpu_compat
+from megatron_xomni.models.xomni import cpu_linear
 from megatron_xomni.models.xomni.layers import XOmniVisionLayer
 from megatron_xomni.models.xomni.norm import RMSNorm
 
@@ -50,18 +51,19 @@ TEXT, IMAGE = "text", "image"
 # It reorders its "weights" operand on every call; with >= 16 rows, swapping the roles (the
 # weight as the source, the activations as the small reordered operand) avoids copying the
 # weight and measured ~10% less per decode step at hidden 512 (not at input width 1024, nor
-# with 8 rows, where the kernel is narrow).
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_MIN_MACS = 1 << 20
+# with 8 rows, where the kernel is narrow). A prompt prefill (hundreds of rows) amortises the
+# weight's reorder and pays more for transposing the swapped product: 1.2-1.5x slower swapped
+# at 128-512 rows, measured, so the swap stops at 64 rows (a decode batch, CFG's doubled rows).
+# `cpu_linear.set_enabled(False)` sends every call to F.linear (MKL), as for the training linears.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ w.T (+ b) for 2-D x, reading the parameter tensor as it is (no packed copy is kept)."""
     m = x.shape[0]
-    if (not _ONEDNN or x.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
-            or m * w.numel() < _ONEDNN_MIN_MACS):
+    if (not cpu_linear.enabled() or x.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
+            or m * w.numel() < cpu_linear.MIN_MACS):
         return F.linear(x, w, b)
-    if m >= 16 and w.shape[1] <= 512 and w.numel() >= 1 << 18:
+    if 16 <= m <= 64 and w.shape[1] <= 512 and w.numel() >= 1 << 18:
         y = torch.ops.mkldnn._linear_pointwise(w, x.contiguous(), None, "none", [], "").t().contiguous()
         return y if b is None else y + b
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")

@@ -28,7 +28,7 @@ def single_process_env() -> None:
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10):
-    """Initialise torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's groups.
+    """Initialise torch.distributed (gloo on CPU, NCCL + gloo for CPU tensors on GPU) and megatron-core's groups.
 
     Reads the usual torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...). Returns the
     `ProcessGroupCollection` that model code takes explicitly.
@@ -40,8 +40,10 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minu
     if not torch.distributed.is_initialized():
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # On GPU, NCCL for CUDA tensors and gloo for the CPU-side statistics some steps all-reduce
+        # (loss sums, counters): a NCCL-only group refuses CPU tensors.
         torch.distributed.init_process_group(
-            backend="gloo" if on_cpu else "nccl",
+            backend="gloo" if on_cpu else "cuda:nccl,cpu:gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     world = torch.distributed.get_world_size()

@@ -28,9 +28,10 @@ from megatron_xomni.rl.logprobs import (
     compute_logprobs,
     pack_rollouts,
     policy_logprobs_and_entropy,
+    scored_span,
     split_microbatches,
 )
-from megatron_xomni.inference.generation import Rollout
+from megatron_xomni.inference.generation import Rollout, _unwrap
 
 _STATS = ("objective", "pg_loss", "kl", "clipped", "entropy", "ratio", "tokens")
 
@@ -133,11 +134,13 @@ def grpo_loss_func(batch: dict, cfg: GRPOConfig, pg, scale: float, model, output
     micro-batches and DDP's gradient averaging over replicas, so the gradient is that of the
     global objective (the per-token weights already hold the global normaliser).
     """
-    logp, ent = policy_logprobs_and_entropy(model, output, batch["labels"], pg)
-    mask = batch["action_mask"]
-    terms = grpo_token_terms(logp, batch["old_logprobs"], batch.get("ref_logprobs"),
+    start = batch.get("logits_from", 0)  # positions before it are prompt: no logits, weight 0
+    logp, ent = policy_logprobs_and_entropy(model, output, batch["labels"][:, start:], pg)
+    mask = batch["action_mask"][:, start:]
+    ref = batch.get("ref_logprobs")
+    terms = grpo_token_terms(logp, batch["old_logprobs"][:, start:], None if ref is None else ref[:, start:],
                              batch["advantages"].unsqueeze(-1), cfg)
-    w = batch["loss_weight"]
+    w = batch["loss_weight"][:, start:]
     objective = (terms["loss"] * w).sum()
     with torch.no_grad():
         stats = torch.stack([
@@ -150,7 +153,8 @@ def grpo_loss_func(batch: dict, cfg: GRPOConfig, pg, scale: float, model, output
 
 def _forward_step(cfg: GRPOConfig, pg, scale: float, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
+    output = model(batch["tokens"], batch["position_ids"], None, logits_from=batch.get("logits_from", 0),
+                   only_head=batch.get("only_head"))
     return output, partial(grpo_loss_func, batch, cfg, pg, scale, model)
 
 
@@ -228,10 +232,15 @@ class GRPOStep:
         batch["advantages"] = adv
         times["prepare"] = time.perf_counter() - t0
 
+        # Each micro-batch's forward computes logits only from its first sampled position on, and
+        # only with the head that scores its sampled tokens (rl/logprobs.py scored_span).
+        text_vocab = _unwrap(self.policy[0]).model_cfg.text_vocab_size
+
         t0 = time.perf_counter()
         if cfg.kl_beta > 0:
             mbs = split_microbatches(batch, cfg.micro_batch_size)
-            batch["ref_logprobs"] = compute_logprobs(self.ref, pg, mbs).cpu()
+            spans = [scored_span(m, text_vocab) for m in mbs]
+            batch["ref_logprobs"] = compute_logprobs(self.ref, pg, mbs, spans).cpu()
         times["reference"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -239,9 +248,13 @@ class GRPOStep:
         updates = []
         for _ in range(cfg.ppo_epochs):
             for rows in parts:
-                part = _to({k: v[rows] for k, v in batch.items()}, device)
+                cpu_part = {k: v[rows] for k, v in batch.items()}
+                spans = [scored_span(m, text_vocab) for m in split_microbatches(cpu_part, cfg.micro_batch_size)]
+                part = _to(cpu_part, device)
                 part["loss_weight"] = loss_weights(part["action_mask"], cfg.loss_aggregation, pg.dp_cp)
                 mbs = split_microbatches(part, cfg.micro_batch_size)
+                for m, span in zip(mbs, spans):
+                    m.update(span)
                 updates.append(self._update(mbs))
         times["update"] = time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_xomni.inference.generation import Rollout, _unwrap
@@ -82,15 +83,45 @@ def broadcast_from_last_stage(t: Optional[torch.Tensor], shape, pg, device) -> t
     return t
 
 
-def compute_logprobs(chunks: list, pg, microbatches: list[dict]) -> torch.Tensor:
-    """Log-probs [N, seq] of every micro-batch's `labels` (no grad), the same on every rank of the replica."""
+def scored_span(batch: dict, text_vocab_size: int) -> dict:
+    """What a scoring forward of this (CPU) micro-batch must compute: {"logits_from", "only_head"}.
+
+    `logits_from`: the first label position any row samples at (earlier positions are prompt);
+    `only_head`: "image" / "text" when every sampled label is of that modality (an image rollout
+    needs no text-head logits, a text rollout no image-head logits), else None (both heads).
+    """
+    mask = batch["action_mask"] > 0
+    cols = mask.any(0).nonzero()
+    start = int(cols[0]) if cols.numel() else 0
+    is_image = batch["labels"][mask] >= text_vocab_size
+    head = None
+    if is_image.numel():
+        head = "image" if bool(is_image.all()) else "text" if not bool(is_image.any()) else None
+    return {"logits_from": start, "only_head": head}
+
+
+def compute_logprobs(chunks: list, pg, microbatches: list[dict], spans: Optional[list[dict]] = None) -> torch.Tensor:
+    """Log-probs [N, seq] of every micro-batch's `labels` (no grad), the same on every rank of the replica.
+
+    With `spans` (`scored_span` of each micro-batch) only the sampled positions are exact: positions before
+    `logits_from` and targets of the skipped head are 0.
+    """
     device = _device(chunks)
     mbs = [_to({k: m[k] for k in ("tokens", "labels", "position_ids")}, device) for m in microbatches]
+    for m, span in zip(mbs, spans or []):
+        m.update(span)
+    seq = mbs[0]["tokens"].shape[1]
 
     def step(data_iterator, model):
         b = next(data_iterator)
-        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        return out, lambda o, non_loss_data=True: (-o).detach().float()
+        start = b.get("logits_from", 0)
+        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], logits_from=start,
+                    only_head=b.get("only_head"))
+
+        def collect(o, non_loss_data=True):
+            return F.pad((-o).detach().float(), (start, 0)) if start else (-o).detach().float()
+
+        return out, collect
 
     fb = get_forward_backward_func(pp_size=pg.pp.size(), vp_size=len(chunks) if len(chunks) > 1 else None)
     was_training = [c.training for c in chunks]
@@ -103,7 +134,7 @@ def compute_logprobs(chunks: list, pg, microbatches: list[dict]) -> torch.Tensor
                 data_iterator=[iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs),
                 model=chunks if len(chunks) > 1 else chunks[0],
                 num_microbatches=len(mbs),
-                seq_length=mbs[0]["tokens"].shape[1],
+                seq_length=seq,
                 micro_batch_size=mbs[0]["tokens"].shape[0],
                 forward_only=True,
                 collect_non_loss_data=True,
@@ -120,15 +151,17 @@ def compute_logprobs(chunks: list, pg, microbatches: list[dict]) -> torch.Tensor
 def vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:
     """Entropy (nats) of softmax over the full vocabulary from vocab-parallel logits [..., V/TP].
 
-    -inf entries (masked slots) contribute zero probability.
+    -inf entries (masked slots) contribute zero probability: they are clamped to the lowest finite
+    float before exp (exp gives exactly 0, and 0 times a finite number is 0, where 0 * -inf is nan).
+    Two passes over the logits besides the max (shift, exp) and two reductions, no temporaries beyond them.
     """
     logits = logits.float()
     m = logits.max(dim=-1, keepdim=True).values
     torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-    shifted = logits - m
+    shifted = (logits - m).clamp_(min=torch.finfo(torch.float32).min)
     e = torch.exp(shifted)
     s = e.sum(-1)
-    t = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+    t = torch.linalg.vecdot(e, shifted)
     both = torch.stack([s, t])
     torch.distributed.all_reduce(both, group=tp_group)
     s, t = both[0], both[1]
@@ -139,13 +172,16 @@ def policy_logprobs_and_entropy(model, output, labels: torch.Tensor, pg) -> tupl
     """(log-probs with grad, entropy without grad), both [b, s], from a last-stage forward output.
 
     `output` is the (text, image) vocab-parallel logits [b, s, V/TP] a forward without labels
-    returns; log-probs reuse the model's modality loss, entropy is that of the head that scores
-    each target (image head over the codes for image targets, text head otherwise).
+    returns (one of them None after `only_head`; `labels` then sliced as the logits are); log-probs
+    reuse the model's modality loss, entropy is that of the head that scores each target (image
+    head over the codes for image targets, text head otherwise; 0 where that head was skipped).
     """
     text, image = output
     core = _unwrap(model)
     is_image = labels >= core.model_cfg.text_vocab_size
     # Entropy first: megatron-core's vocab-parallel cross entropy works in place on fp32 logits.
-    ent = torch.where(is_image, vocab_parallel_entropy(image, pg.tp), vocab_parallel_entropy(text, pg.tp))
-    logp = -core.modality_loss(labels, text.transpose(0, 1), image.transpose(0, 1))
+    ents = [None if x is None else vocab_parallel_entropy(x, pg.tp) for x in (text, image)]
+    zero = torch.zeros_like(next(e for e in ents if e is not None))
+    ent = torch.where(is_image, zero if ents[1] is None else ents[1], zero if ents[0] is None else ents[0])
+    logp = -core.modality_loss(labels, text, image, batch_first=True)
     return logp, ent

@@ -169,6 +169,7 @@ def test_layout_fast_equals_reference(tp1, name, world, layout):
     (8, 256, 4096, False),  # oneDNN, weight as its weights operand
     (16, 512, 1024, True),  # oneDNN with the operands swapped
     (16, 1024, 512, False),
+    (256, 256, 1024, True),  # prompt prefill: oneDNN, weight as its weights operand
 ])
 def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias):
     from megatron_xomni.inference.decode import linear

@@ -119,3 +119,18 @@ def test_bad_settings_give_clear_errors():
         generate_images(None, None, [[1, 2]], (0, 2), 4)
     with pytest.raises(ValueError, match="group ids"):
         group_advantages(torch.ones(3), [0, 0])
+
+
+def test_scored_span_names_first_sampled_position_and_the_one_head():
+    from megatron_xomni.rl.logprobs import scored_span
+
+    v = 100
+    labels = torch.tensor([[5, 6, 7, v + 1, v + 2, 4], [5, 6, v + 3, v + 4, 4, 0]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.float)
+    assert scored_span({"labels": labels, "action_mask": mask}, v) == {"logits_from": 2, "only_head": "image"}
+    text = {"labels": labels, "action_mask": torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0.0]])}
+    assert scored_span(text, v) == {"logits_from": 1, "only_head": "text"}
+    mixed = {"labels": labels, "action_mask": torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0.0]])}
+    assert scored_span(mixed, v) == {"logits_from": 2, "only_head": None}
+    nothing = {"labels": labels, "action_mask": torch.zeros(2, 6)}
+    assert scored_span(nothing, v) == {"logits_from": 0, "only_head": None}

@@ -4,7 +4,8 @@ Two FLOP counts, both in multiply-accumulates x 2 (one FLOP per multiply and per
 
 *Executed* (`executed_flops`): the matmuls `model.py` really runs. Today the model
 - runs the text head and the image head at every position (it returns both logits; the loss
-  picks one per position afterwards),
+  picks one per position afterwards; only RL scoring forwards skip positions or a head, through
+  `XOmniModel(logits_from=..., only_head=...)`),
 - runs every vision block at every position (`XOmniVisionLayer` computes the whole layer, then
   keeps the result at image positions only),
 - computes attention with SDPA. Counted like torch's `FlopCounterMode` counts SDPA: the full

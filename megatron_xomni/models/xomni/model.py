@@ -21,6 +21,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.gpt import GPTModel
 
 from megatron_xomni.models.xomni.config import XOmniModelConfig
+from megatron_xomni.models.xomni.cpu_linear import route_cpu_gemms
 from megatron_xomni.models.xomni.layer_spec import xomni_block_spec
 from megatron_xomni.models.xomni.layers import ImagePositions, _ReadsImagePositions
 
@@ -83,6 +84,8 @@ class XOmniModel(GPTModel):
         for module in self.modules():
             if isinstance(module, _ReadsImagePositions):
                 module.image_positions = self.image_positions
+        # CPU-only machines: the linears' fp32 GEMMs run on oneDNN instead of MKL (cpu_linear.py).
+        route_cpu_gemms(self)
 
     # ---- helpers -------------------------------------------------------------------------
     def _local_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -132,11 +135,17 @@ class XOmniModel(GPTModel):
         packed_seq_params=None,
         loss_mask: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
+        logits_from: int = 0,
+        only_head: Optional[str] = None,
         **unused,
     ):
         """Per-token loss [b, s] when `labels` is given, else (text_logits, image_logits).
 
         Logits are [b, s, vocab/TP] (vocab-parallel) unless `runtime_gather_output` is True.
+        Scoring callers (RL log-probs) may skip head work nobody reads:
+        - `logits_from`: heads (and loss) only at positions >= logits_from: outputs are [b, s - logits_from, ..];
+        - `only_head` "text" / "image": only that head; the other logits are None and, with `labels`,
+          positions whose target is of the other modality get loss 0.
         """
         self.image_positions.mask = self._local_image_mask(input_ids)
         if decoder_input is None and self.pre_process:
@@ -165,32 +174,52 @@ class XOmniModel(GPTModel):
             if inference_context.materialize_only_last_token_logits:
                 hidden = hidden[-1:]
             runtime_gather_output = True
-        text_logits = self._text_logits(hidden)
-        image_logits = self._image_logits(hidden)
+        if only_head not in (None, TEXT, IMAGE):
+            raise ValueError(f"only_head must be None, 'text' or 'image', got {only_head!r}")
+        if logits_from:
+            if self.config.sequence_parallel:  # hidden is this rank's sequence chunk here
+                raise ValueError("logits_from needs sequence_parallel=False")
+            hidden = hidden[logits_from:]
+            labels = None if labels is None else labels[:, logits_from:]
+        text_logits = self._text_logits(hidden) if only_head != IMAGE else None
+        image_logits = self._image_logits(hidden) if only_head != TEXT else None
         if labels is None:
-            if runtime_gather_output:
-                text_logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-                    text_logits, group=self.pg_collection.tp
-                )
-                image_logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-                    image_logits, group=self.pg_collection.tp
-                )
-            return text_logits.transpose(0, 1).contiguous(), image_logits.transpose(0, 1).contiguous()
+            out = []
+            for logits in (text_logits, image_logits):
+                if logits is not None and runtime_gather_output:
+                    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.pg_collection.tp)
+                out.append(None if logits is None else logits.transpose(0, 1).contiguous())
+            return tuple(out)
         return self.modality_loss(labels, text_logits, image_logits)
 
-    def modality_loss(self, labels, text_logits, image_logits) -> torch.Tensor:
-        """Per-token cross entropy [b, s]; image targets use the image head, text the text head."""
+    def modality_loss(self, labels, text_logits, image_logits, batch_first: bool = False) -> torch.Tensor:
+        """Per-token cross entropy [b, s]; image targets use the image head, text the text head.
+
+        Logits are [s, b, V/TP] ([b, s, V/TP] with `batch_first`, as a forward without labels returns
+        them: no transposed copies); a head passed as None scores nothing (its targets get loss 0).
+        """
         v = self.model_cfg.text_vocab_size
-        labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        if not batch_first:
+            labels = labels.transpose(0, 1).contiguous()  # [s, b]
         is_image = labels >= v
+        zero = None
         # contiguous(): callers may pass [s, b, V] views of [b, s, V] logits (a no-op otherwise).
-        text_loss = tensor_parallel.vocab_parallel_cross_entropy(
-            text_logits.float().contiguous(), torch.where(is_image, 0, labels)
-        )
-        image_loss = tensor_parallel.vocab_parallel_cross_entropy(
-            image_logits.float().contiguous(), torch.where(is_image, labels - v, 0)
-        )
-        return torch.where(is_image, image_loss, text_loss).transpose(0, 1).contiguous()
+        if text_logits is not None:
+            text_loss = tensor_parallel.vocab_parallel_cross_entropy(
+                text_logits.float().contiguous(), torch.where(is_image, 0, labels)
+            )
+            zero = torch.zeros_like(text_loss)
+        if image_logits is not None:
+            image_loss = tensor_parallel.vocab_parallel_cross_entropy(
+                image_logits.float().contiguous(), torch.where(is_image, labels - v, 0)
+            )
+            zero = torch.zeros_like(image_loss)
+        if text_logits is None:
+            text_loss = zero
+        if image_logits is None:
+            image_loss = zero
+        loss = torch.where(is_image, image_loss, text_loss)
+        return loss if batch_first else loss.transpose(0, 1).contiguous()
 
 
 def mode_logits(text_logits: torch.Tensor, image_logits: torch.Tensor, mode: str, image_vocab_size: int):
