@@ -142,8 +142,8 @@ class ParallelConfig:
         `model_cfg` is any object with the XOmniModelConfig fields (num_attention_heads,
         num_query_groups, num_layers_total, text_vocab_size, image_table_size): this floor does not
         import the model. Both vocabulary tables are split over TP, so both must divide.
-        `decoding=True` (generation, GRPO rollouts) refuses sequence parallelism: decoding runs one
-        token at a time, which a sequence split over TP ranks cannot hold."""
+        `decoding=True` (generation, GRPO rollouts) refuses sequence and context parallelism: decoding
+        runs one token at a time, which a sequence split over TP or CP ranks cannot hold."""
         self.validate(
             world_size,
             num_attention_heads=model_cfg.num_attention_heads,
@@ -158,6 +158,9 @@ class ParallelConfig:
         if decoding and self.sequence_parallel:
             raise LayoutError("generation decodes one token at a time: set parallel.sequence_parallel=False "
                               "for inference and GRPO")
+        if decoding and self.context_parallel > 1:  # a one-token step has no sequence to split over CP ranks
+            raise LayoutError(f"generation decodes one token at a time: set parallel.context_parallel=1 "
+                              f"(not {self.context_parallel}) for inference and GRPO")
 
     def describe(self, world_size: int) -> str:
         vpp = f" VPP={self.virtual_pipeline_parallel}" if self.virtual_pipeline_parallel else ""

@@ -25,6 +25,7 @@ from megatron_xomni.data.prompts import PromptConfig
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
 from megatron_xomni.rl.grpo import GRPOConfig
+from megatron_xomni.rl.scoring import decode_and_score
 from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
@@ -66,6 +67,9 @@ class GRPORunConfig(RunSection):
     decoder: str = "decoders/xomni"
     decoder_steps: int = 28
     """Euler steps of the frozen decoder."""
+    decoder_batch_size: int = 16
+    """Images per decoder call (bounds its memory); also the unit of decoding and scoring work shared
+    among the TP/PP peers of a replica (rl/scoring.py)."""
     rewards: dict = field(default_factory=lambda: {"world_alignment": 1.0, "ocr_text": 1.0})
     """Reward ensemble weights (name -> weight), rewards by their registered names."""
     reward_args: dict = field(default_factory=dict)
@@ -83,7 +87,8 @@ class GRPORunConfig(RunSection):
         self.validate_run()
         self.optim.validate()
         check_numbers({"group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
-                       "decoder_steps": self.decoder_steps, "image_height": self.image_height,
+                       "decoder_steps": self.decoder_steps,
+                       "decoder_batch_size": self.decoder_batch_size, "image_height": self.image_height,
                        "image_width": self.image_width}, 1)
         dp = self.parallel.data_parallel(world_size)
         if self.prompts_per_step % dp:
@@ -171,7 +176,7 @@ class GRPOTrainer:
         self.grpo = GRPOStep(self.wrapped, self.optimizer, self.pg, cfg.grpo, self.ref)
         from megatron_xomni.inference.render import Renderer
 
-        self.renderer = Renderer(cfg.image_tokenizer, cfg.decoder, cfg.decoder_steps)
+        self.renderer = Renderer(cfg.image_tokenizer, cfg.decoder, cfg.decoder_steps, batch_size=cfg.decoder_batch_size)
         self.rewards = RewardEnsemble(dict(cfg.rewards), **{n: dict(kw) for n, kw in cfg.reward_args.items()})
         self.reference_identity = str(init)
         self._maybe_resume()
@@ -245,12 +250,12 @@ class GRPOTrainer:
         codes = torch.stack([r.codes.view(h, w) for r in rollouts])
         metas = [rows[r.prompt_id - first] for r in rollouts]
         captions = [m["prompt"] for m in metas]
-        images = self.renderer(codes, [cfg.seed * 7919 + self.step * 100_000 + r.sample_id for r in rollouts], captions)
-        t_decode = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = self.rewards(captions, images, metas)
+        seeds = [cfg.seed * 7919 + self.step * 100_000 + r.sample_id for r in rollouts]
+        # Each TP/PP peer of this replica decodes and scores its share; the rewards are gathered.
+        rendered, result = decode_and_score(self.renderer, self.rewards, codes, seeds, captions, metas, self.pg.mp)
+        images = [rendered[i] for i in sorted(rendered)]
         rewards = [0.0 if v is None else float(v) for v in result.total]
-        t_reward = time.perf_counter() - t0
+        t_decode = time.perf_counter() - t0  # decode + reward of this rank's share, and the gather
         for m in self.wrapped:
             m.train()
         stats = self.grpo(rollouts, rewards)
@@ -279,7 +284,7 @@ class GRPOTrainer:
             **comps, "reward/failures": sum(comps[f"reward/{n}_failures"] for n in names),
             "grpo/loss": stats["loss"], "grpo/kl": stats["kl"], "grpo/clip_fraction": stats["clip_fraction"],
             "grpo/entropy": stats["entropy"], "grpo/response_length": stats["response_length"],
-            "time/rollout": t_rollout, "time/decode": t_decode, "time/reward": t_reward,
+            "time/rollout": t_rollout, "time/decode_and_reward": t_decode,
             "time/logprob": times.get("reference", 0.0) + times.get("prepare", 0.0), "time/update": times.get("update", 0.0),
             "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
         }
@@ -296,8 +301,8 @@ class GRPOTrainer:
                     f"reward {out['reward/mean']:.3f} (min {out['reward/min']:.2f}, max {out['reward/max']:.2f})",
                     f"kl {out['grpo/kl']:.4f}", f"clip {out['grpo/clip_fraction']:.3f}",
                     f"entropy {out['grpo/entropy']:.3f}",
-                    f"rollout {out['time/rollout']:.1f}s decode {out['time/decode']:.1f}s "
-                    f"reward {out['time/reward']:.1f}s update {out['time/update']:.1f}s",
+                    f"rollout {out['time/rollout']:.1f}s decode+reward {out['time/decode_and_reward']:.1f}s "
+                    f"update {out['time/update']:.1f}s",
                     f"{out['perf/rollout_tokens_per_s']:.0f} rollout tok/s"])
                 if self.logger.writer is not None and self._images:
                     import numpy as np

@@ -45,7 +45,7 @@ def build_tokens(out: Path, samples: int = CORPUS_SAMPLES, seed: int = 0) -> tup
     the summary (world.json) and the seconds of each part that ran."""
     from megatron_xomni.data import write_world_corpus
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
-    from megatron_xomni.inference.tokenize_corpus import TokenizeConfig, tokenize_corpus
+    from megatron_xomni.inference.tokenize_corpus import TokenizeRunConfig, tokenize_corpus
 
     summary, corpus, tok_dir = out / "tokens" / "world.json", out / "corpus", out / "text_tokenizer"
     times = {}
@@ -60,9 +60,9 @@ def build_tokens(out: Path, samples: int = CORPUS_SAMPLES, seed: int = 0) -> tup
         times["text tokenizer"] = time.perf_counter() - t
     t = time.perf_counter()
     if not summary.exists():
-        tokenize_corpus(TokenizeConfig(
-            corpus=str(corpus), out_prefix=str(out / "tokens" / "world"), text_tokenizer=str(tok_dir / "tokenizer"),
-            image_tokenizer="tiny", init_seed=seed, mode="both", workers=1, resume=True,
+        tokenize_corpus(TokenizeRunConfig(
+            corpus=str(corpus), save_dir=str(out / "tokens"), prefix="world", text_tokenizer=str(tok_dir / "tokenizer"),
+            image_tokenizer="tiny", seed=seed, mode="both", workers=1, progress=False,
             text_vocab_size=TEXT_VOCAB, preprocess="tiny"))
         times["tokenize (random tiny image tokenizer)"] = time.perf_counter() - t
     return summary, times

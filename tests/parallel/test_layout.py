@@ -70,4 +70,8 @@ def test_validate_for_checks_what_every_stage_needs():
     sp.validate_for(M7B, 2, seq_length=1024)  # training may split the sequence ...
     with pytest.raises(LayoutError, match="set parallel.sequence_parallel=False"):
         sp.validate_for(M7B, 2, decoding=True)  # ... generation cannot
+    cp = ParallelConfig(context_parallel=2)
+    cp.validate_for(M7B, 2, have_te_attention=True)  # nor split it over CP ranks
+    with pytest.raises(LayoutError, match=r"set parallel.context_parallel=1 \(not 2\)"):
+        cp.validate_for(M7B, 2, have_te_attention=True, decoding=True)
     ParallelConfig(tensor_parallel=4, pipeline_parallel=2).validate_for(M7B, 16, decoding=True)
