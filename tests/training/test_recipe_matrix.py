@@ -185,6 +185,7 @@ def _make_init(rank, world, root):
 def world(tmp_path_factory):
     """Token data (a weighted blend of two files), a tiny init checkpoint and a tiny GRPO bundle."""
     from megatron_xomni.data import write_world_corpus
+    from megatron_xomni.data.prompts import PromptConfig, make_prompt_source
     from megatron_xomni.data.synthetic_tokens import write_synthetic_tokens
     from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer, train_sentencepiece, world_texts
     from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
@@ -198,6 +199,9 @@ def world(tmp_path_factory):
     build_decoder(decoder_config("tiny", "image")).save_pretrained(root / "decoder")
     XOmniTextTokenizer.from_sentencepiece(train_sentencepiece(world_texts(400), root / "sp", vocab_size=512)).save(root / "text")
     run_ranks(_make_init, 1, str(root))
+    rows = make_prompt_source(PromptConfig(skills=["counting", "colors", "position"])).rows(range(16))
+    (root / "world_prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "include", "text")}) + "\n"
+                                                      for r in rows))
     write_world_corpus(root / "corpus", 64, seed=0, samples_per_shard=16)  # 4 shards
     _write_siglip(root / "siglip")
     _write_hf_text_tokenizer(root / "hf_text", world_texts(200))
