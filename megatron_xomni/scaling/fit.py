@@ -455,9 +455,15 @@ def fit_approach2(runs: Sequence[Run], *, flops_per_token: Optional[FlopsPerToke
             d_opt.append(v[2])
         samples[i] = [*_power_law(cs, n_opt), *_power_law(cs, d_opt)]
     e = {k: estimate(point[i], samples[:, i], confidence) for i, k in enumerate(APPROACH2_PARAMS)}
-    expo = lambda x: Estimate(math.exp(x.value), math.exp(x.low), math.exp(x.high))  # noqa: E731
+    expo = lambda x: Estimate(_exp(x.value), _exp(x.low), _exp(x.high))  # noqa: E731
     return Approach2Fit(budgets, e["a"], expo(e["log_G"]), e["b"], expo(e["log_H"]), confidence,
                         samples, redraws, dropped)
+
+
+def _exp(x: float) -> float:
+    """exp that saturates to inf: over a narrow span of budgets a bootstrap resample's power-law
+    prefactor can be astronomically large; the interval then says "unbounded" instead of failing."""
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 # ---- a table of runs with several losses -----------------------------------------------------

@@ -117,6 +117,9 @@ def _run_in_process(run: dict, log: Path) -> int:
     # The trainer turns SIGTERM/SIGUSR1 into "save and stop" for its run; afterwards they must end
     # this process again instead of setting a flag nobody reads.
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    # torch.distributed.init_process_group wraps sys.excepthook in a "[rankN]: " prefixer each time:
+    # without this, the 12th run's traceback would carry twelve prefixes.
+    excepthook = sys.excepthook
     for k in _DIST_ENV:
         os.environ.pop(k, None)
     single_process_env()
@@ -124,6 +127,7 @@ def _run_in_process(run: dict, log: Path) -> int:
         with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             return train_main([run["recipe"], *run["overrides"]])
     finally:
+        sys.excepthook = excepthook
         for sig, h in handlers.items():
             signal.signal(sig, h)
         for k, v in saved.items():
