@@ -3,15 +3,15 @@
 Floors (docs: README "Package layout"; /work/shared/reference/house.md):
   1  device, cpu_compat, checkpointing, safe_loading, dataclass_utils, file_checks, parallel/, world/
   2  data/, evaluation/ (scorers and benchmark loaders)
-  3  models/, rewards/, scaling/
+  3  models/, rewards/
   4  training/, inference/, conversion/
   5  rl/
   6  recipes/
-  7  cli, train, api, demo/
+  7  cli, train, api, demo/, slurm/, scaling/
 
-scaling/ sits on floor 3: family.py derives model configs from models/xomni (and fit.py/report.py, pure
-math, need nothing above floor 1), so the package as a whole is a sibling of models/ that training,
-inference and the CLI may use.
+scaling/ sits on the top floor: its sweeps plan recipes, launch trainers here or as a SLURM job array
+and collect their runs, so it orchestrates everything below it (fit.py and report.py, pure math, would
+fit on floor 1, but one package has one floor). Nothing but the CLI imports it.
 
 Every import counts: module level, inside functions, `TYPE_CHECKING` blocks, relative imports and
 `importlib.import_module("megatron_xomni...")`. The package root (`megatron_xomni/__init__.py`) is
@@ -33,11 +33,11 @@ FLOORS = {
     1: ["device", "cpu_compat", "checkpointing", "safe_loading", "dataclass_utils", "file_checks", "parallel",
         "world", ""],  # "" = the package root itself
     2: ["data", "evaluation"],
-    3: ["models", "rewards", "scaling"],
+    3: ["models", "rewards"],
     4: ["training", "inference", "conversion"],
     5: ["rl"],
     6: ["recipes"],
-    7: ["cli", "train", "api", "demo", "slurm"],
+    7: ["cli", "train", "api", "demo", "slurm", "scaling"],
 }
 FLOOR_OF = {top: floor for floor, tops in FLOORS.items() for top in tops}
 

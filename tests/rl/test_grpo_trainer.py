@@ -53,7 +53,7 @@ def test_grpo_runs_logs_every_phase_and_resumes_exactly(artifacts):
     ref = _metrics(artifacts / "full" / "metrics.jsonl")
     assert sorted(ref) == [1, 2, 3]
     for key in ["reward_mean", "reward_min", "reward_max", "reward_world_alignment", "grpo_kl", "grpo_clip_fraction",
-                "grpo_entropy", "grpo_response_length", "time_rollout", "time_decode", "time_reward", "time_logprob",
+                "grpo_entropy", "grpo_response_length", "time_rollout", "time_decode_and_reward", "time_logprob",
                 "time_update", "perf_rollout_tokens_per_s"]:
         assert key in ref[3], key
     assert ref[1]["grpo_kl"] == pytest.approx(0.0, abs=1e-7)  # on-policy first step: policy == reference

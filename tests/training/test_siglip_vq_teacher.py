@@ -18,12 +18,13 @@ def _rank(rank, world, root):
     from megatron_xomni.models.xomni import model_preset
     from megatron_xomni.models.xomni.builder import build_model_chunks
     from megatron_xomni.parallel import ParallelConfig, initialize_parallel
-    from megatron_xomni.training.siglip_vq import TokenizerTrainConfig, build_llm
+    from megatron_xomni.training.siglip_vq import build_llm
+    from megatron_xomni.training.siglip_vq_config import TeacherSection
 
     pg = initialize_parallel(ParallelConfig(), seed=0)
-    from_root = build_llm(TokenizerTrainConfig(llm_checkpoint=str(root), seed=3), pg)
+    from_root = build_llm(TeacherSection(checkpoint=str(root)), 3, pg)
     folder = resolve_checkpoint(root)
-    from_folder = build_llm(TokenizerTrainConfig(llm_checkpoint=str(folder), seed=4), pg)
+    from_folder = build_llm(TeacherSection(checkpoint=str(folder)), 4, pg)
     (ref,) = build_model_chunks(model_preset("tiny"), ParallelConfig(), pg)  # random init, then the tensors
     ref.load_state_dict(load_checkpoint(folder, {"model": ref.sharded_state_dict()}, partial=True)["model"],
                         strict=False)
