@@ -16,11 +16,13 @@ below is an exact identity of the table (the law of total variance with equal we
               (total)        (between prompts)
     `decoder_share_overall` = within_decoder / overall_total.
 
-    within group i, one seed k shared by the group (what GRPO does with common random numbers):
-              mean_k Var_j(R_i.k)  =  Var_j(m_ij)  +  mean_k Var_j(d_i.k),   d_ijk = R_ijk - m_ij
-    (the cross term averages out because mean_k d_ijk = 0). The second term is the decoder noise a
-    shared seed leaves in a group (how differently the seed treats different sequences);
-    `decoder_share_within_shared_seed` is its share of the left-hand side.
+    within group i, one seed k shared by the group (what GRPO does with common random numbers),
+    over the decodes k >= `shared_from` whose seed is shared by all samples of the prompt (K' of them):
+              mean_k Var_j(R_i.k)  =  Var_j(m'_ij)  +  mean_k Var_j(d_i.k),   d_ijk = R_ijk - m'_ij
+    with m'_ij the mean over those decodes (the cross term averages out because mean_k d_ijk = 0).
+    The second term is the decoder noise a shared seed leaves in a group (how differently one seed
+    treats different sequences); `decoder_share_within_shared_seed` is its share of the left-hand
+    side (NaN when fewer than 2 decodes are shared: noise and tokens cannot be told apart).
 
 With K seeds, Var_k(.) (ddof 0) underestimates the per-decode noise variance by (K-1)/K and the
 token term carries 1/K of it; the shares are exact descriptions of the measured table, not
@@ -46,11 +48,14 @@ import numpy as np
 
 
 def _share(part: float, total: float) -> float:
-    return float(part / total) if total > 0 else float("nan")
+    return float(part / total) if total > 0 else float("nan")  # NaN > 0 is False: NaN stays NaN
 
 
-def noise_floor(rewards) -> dict:
-    """The variance split of R[i, j, k] (prompts x samples x decoder seeds; K >= 2) described above."""
+def noise_floor(rewards, shared_from: int = 0) -> dict:
+    """The variance split of R[i, j, k] (prompts x samples x decoder seeds; K >= 2) described above.
+
+    Every sequence's K decodes must use K different seeds; decodes k >= `shared_from` must use one
+    seed for all samples of a prompt (the shared-seed figures are read from those)."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.ndim != 3 or r.shape[2] < 2 or r.shape[1] < 1:
         raise ValueError(f"rewards must be [prompts, samples, decoder seeds >= 2], got shape {r.shape}")
@@ -58,9 +63,13 @@ def noise_floor(rewards) -> dict:
     within_total = r.reshape(r.shape[0], -1).var(axis=1).mean()
     within_decoder = r.var(axis=2).mean()
     within_tokens = m.var(axis=1).mean()
-    d = r - m[:, :, None]
-    shared_total = r.var(axis=1).mean()                  # mean over i, k of Var_j(R_i.k)
-    shared_decoder = d.var(axis=1).mean()
+    shared = r[:, :, shared_from:]
+    if shared.shape[2] >= 2:
+        d = shared - shared.mean(axis=2, keepdims=True)
+        shared_total = shared.var(axis=1).mean()         # mean over i, k of Var_j(R_i.k)
+        shared_decoder = d.var(axis=1).mean()
+    else:
+        shared_total = shared_decoder = float("nan")
     overall_total = r.var()
     between = r.mean(axis=(1, 2)).var()
     return {
@@ -71,6 +80,7 @@ def noise_floor(rewards) -> dict:
         "decoder_share_overall": _share(within_decoder, overall_total),
         "shared_seed_within_total": float(shared_total), "shared_seed_within_decoder": float(shared_decoder),
         "decoder_share_within_shared_seed": _share(shared_decoder, shared_total),
+        "shared_seed_decodes": int(max(shared.shape[2], 0)),
         "mean_reward": float(r.mean()),
     }
 

@@ -62,3 +62,18 @@ def test_bad_tables_are_refused():
         best_of_n([[1.0, 0.0]], [[1.0]])
     with pytest.raises(ValueError, match="outside"):
         per_skill_metrics([{"skill": "colors", "fraction": 1.5}])
+
+
+def test_shared_seed_figures_read_only_the_decodes_whose_seed_the_group_shares():
+    # decode 0 has one seed per sample; decodes 1 and 2 share a seed across the prompt's samples
+    table = [[[0.9, 1.0, 0.0], [0.1, 1.0, 0.5]]]
+    got = noise_floor(table, shared_from=1)
+    # decode 1: (1, 1) -> Var 0; decode 2: (0, .5) -> .0625; mean .03125. Means over decodes 1-2: .5, .75
+    # -> Var .015625; residuals (.5, .25) and (-.5, -.25) -> .015625 each.
+    assert got["shared_seed_within_total"] == pytest.approx(0.03125, abs=1e-12)
+    assert got["shared_seed_within_decoder"] == pytest.approx(0.015625, abs=1e-12)
+    assert got["decoder_share_within_shared_seed"] == pytest.approx(0.5, abs=1e-12)
+    assert got["shared_seed_decodes"] == 2
+    import math
+
+    assert math.isnan(noise_floor(table, shared_from=2)["decoder_share_within_shared_seed"])
