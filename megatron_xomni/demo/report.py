@@ -160,7 +160,7 @@ when it has been run.
 
 ## Reward: GRPO vs SFT (partial credit)
 
-| policy | mean single-sample | best-of-{n} (naive: picked and scored on one decode) | honest best-of-{n} (picked on decode 0, re-scored with a fresh decoder seed) |
+| policy | mean single-sample | best-of-{n} (naive: picked and scored on one decode) | honest best-of-{n} (picked on decode 0, re-scored with the other, fresh decoder seeds) |
 |---|---|---|---|
 | SFT | {fig['sft_mean']:.3f} | {fig['sft_best_of_n']:.3f} | {fig['sft_honest_best_of_n']:.3f} |
 | GRPO | {fig['grpo_mean']:.3f} | {fig['grpo_best_of_n']:.3f} | {fig['grpo_honest_best_of_n']:.3f} |

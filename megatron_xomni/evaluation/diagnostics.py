@@ -30,8 +30,9 @@ bias-corrected estimates.
 
 Best-of-N (`best_of_n`): the naive figure picks each prompt's best sample by its reward and
 reports that same reward, so it also selects lucky decoder noise. The honest figure picks by the
-reward of decode 0 and reports the reward of the same token sequence under a fresh decoder seed
-(decode 1), which the pick has not seen. Ties go to the lowest sample index.
+reward of decode 0 and reports the reward of the same token sequence under fresh decoder seeds
+(the evaluation runner passes the mean over decodes 1..K-1), which the pick has not seen. Ties go
+to the lowest sample index.
 
 Per-skill metrics (`per_skill_metrics`): for the world's GenEval-style skills, *accuracy* is
 all-or-nothing (an image counts 1 only when every check of its prompt passes: GenEval's metric)

@@ -20,7 +20,8 @@ sequence K times (decode 0 is the image above; decode k >= 1 of every sample of 
 decoder seed `seed + P * N + P * k + i`, P prompts x N images - after the ceiling seeds, disjoint from
 every other seed - so decodes 1.. are common random numbers within a prompt, as GRPO decodes) and adds the
 diagnostics of megatron_xomni.evaluation.diagnostics to eval.json: the noise floor (decoder-seed
-share of the reward variance), the honest best-of-N (picked on decode 0, re-scored on decode 1) and
+share of the reward variance), the honest best-of-N (picked on decode 0, re-scored by the mean of
+decodes 1..K-1) and
 per-skill all-or-nothing accuracy next to partial credit. `--rewards NAME=WEIGHT,...` (default: world_alignment
 for world, none otherwise) adds the reward statistics to summary.json (and eval.json); a reward that
 does not apply to an image (None) counts as 0, as in GRPO.
@@ -290,7 +291,10 @@ def reward_report(job: EvalJob, images: list[list[Image.Image]],
         out["decoder_seeds"] = len(tables)
         out["noise_floor"] = noise_floor(cube, shared_from=1)  # decodes 1.. share a seed per prompt
         out["mean_reward_all_decodes"] = out["noise_floor"]["mean_reward"]
-        out["honest_best_of_n_reward"] = best_of_n(tables[0], tables[1])["honest"]
+        # picked on decode 0, scored by the mean of the fresh decodes 1..K-1 (less seed luck per prompt)
+        fresh = [[sum(t[i][j] for t in tables[1:]) / (len(tables) - 1) for j in range(len(per_prompt[i]))]
+                 for i in range(len(per_prompt))]
+        out["honest_best_of_n_reward"] = best_of_n(tables[0], fresh)["honest"]
         out["decode_rewards"] = tables  # [decode][prompt][sample]: the table the figures come from
     if ground_truth is not None:
         total = [0.0 if v is None else float(v) for v in ensemble(texts, ground_truth, [p.meta for p in job.prompts]).total]
