@@ -1,5 +1,5 @@
-"""`xomni demo [--out DIR] [--smoke] [--publish DIR] [--seeds 0,1,2]`: run the tiny end-to-end pipeline
-(resumable).
+"""`xomni demo [--out DIR] [--smoke] [--publish DIR] [--seeds 0,1,2] [--set KEY=VALUE]`: run the tiny
+end-to-end pipeline (resumable; --set overrides a DemoConfig size or knob, e.g. grpo_lr=3e-4).
 
 `--seeds` (not part of `make demo`) runs the whole pipeline once per pipeline seed, in
 `<out>/seed<N>`, and writes the mean and min-max of every target figure to `<out>/spread.md`
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from megatron_xomni.demo import stages
@@ -57,6 +57,27 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], names: list[str]) -> tuple[Path
     return root / f"seed{seeds[0]}", text
 
 
+def _overrides(items: list[str]) -> dict:
+    """["grpo_lr=3e-4", ...] -> {field: typed value} (ValueError naming the bad item)."""
+    types = {f.name: f.type for f in fields(DemoConfig)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in types or key == "out":
+            raise ValueError(f"--set {item!r}: use KEY=VALUE with KEY one of {', '.join(k for k in types if k != 'out')}")
+        kind = types[key] if isinstance(types[key], str) else types[key].__name__
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = text.lower() in ("true", "1")
+            else:
+                out[key] = {"int": int, "float": float}.get(kind, str)(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes a {kind}") from None
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="xomni demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (rerun the same command to resume)")
@@ -64,8 +85,14 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(stages.ALL), help="comma-separated subset, in order")
     p.add_argument("--seeds", default=None, help="comma-separated pipeline seeds, e.g. 0,1,2: one whole pipeline each")
     p.add_argument("--publish", default=None, help="copy the report into this folder (e.g. reports/tiny_demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DemoConfig size or knob, e.g. --set grpo_lr=3e-4 --set grpo_shared_decoder_seed=false")
     args = p.parse_args(argv)
     cfg = DemoConfig.smoke(args.out) if args.smoke else DemoConfig(out=args.out)
+    try:
+        cfg = replace(cfg, **_overrides(args.set))
+    except ValueError as e:
+        p.error(str(e))
     names = [s for s in args.stages.split(",") if s]
     unknown = [s for s in names if s not in stages.ALL]
     if unknown:

@@ -60,3 +60,19 @@ def test_publish_copies_the_report_and_keeps_the_spread_section(tmp_path):
     (run / "report.md").write_text("# report two\n")  # a later single-seed `make demo`
     publish(run, dest)
     assert (dest / "report.md").read_text() == "# report two\n\n" + SPREAD_HEADING + "\n\n| figure | mean |\n"
+
+
+def test_set_overrides_are_typed_and_bad_ones_name_the_fix():
+    from megatron_xomni.demo.cli import _overrides, main
+
+    got = _overrides(["grpo_lr=3e-4", "grpo_steps=80", "grpo_shared_decoder_seed=false"])
+    assert got == {"grpo_lr": 3e-4, "grpo_steps": 80, "grpo_shared_decoder_seed": False}
+    for bad, words in (["grpo_steps=many", "takes a int"], ["nope=1", "KEY one of"], ["grpo_shared_decoder_seed=maybe", "bool"]):
+        with pytest.raises(ValueError, match=words):
+            _overrides([bad])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--set", "grpo_lr=fast", "--out", "/nonexistent/never-written"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seeds", "0,0"])
+    assert exit_.value.code == 2
