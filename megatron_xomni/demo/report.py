@@ -121,9 +121,11 @@ def curves(out: Path, metrics: dict[str, Path]) -> Path:
     for key, label in (("reward_mean", "mean"), ("reward_max", "max")):
         axes[1].plot(x, [r.get(key, float("nan")) for r in grpo], label=label)
     axes[1].set(title="GRPO reward (partial credit)", xlabel="step")
-    axes[2].plot(x, [r.get("grpo_entropy", float("nan")) for r in grpo], label="entropy")
-    axes[2].plot(x, [r.get("grpo_kl", float("nan")) * 100 for r in grpo], label="KL x 100")
-    axes[2].set(title="GRPO entropy and KL", xlabel="step")
+    # entropy and KL come from the kept rows: a step whose groups were all dropped has none (skipped)
+    for key, label, scale in (("grpo_entropy", "entropy", 1.0), ("grpo_kl", "KL x 100", 100.0)):
+        pts = [(r["iteration"], r[key] * scale) for r in grpo if key in r and not math.isnan(r[key])]
+        axes[2].plot([p for p, _ in pts], [v for _, v in pts], marker=".", label=label)
+    axes[2].set(title="GRPO entropy and KL (steps that trained)", xlabel="step")
     axes[3].plot(x, [r.get("grpo_dropped_group_share", float("nan")) for r in grpo], label="dropped groups")
     axes[3].plot(x, [r.get("grpo_clip_fraction", float("nan")) for r in grpo], label="clip fraction")
     axes[3].set(title="GRPO dropped-group share, clip fraction", xlabel="step", ylim=(0, 1))
@@ -188,7 +190,8 @@ GRPO's advantages see with common random numbers (its default).
 
 ## Curves
 
-GRPO settings: {settings}.
+GRPO settings: {settings}. Entropy and KL are measured on the rows an update used; a step whose
+groups all had zero reward variance trains nothing and has no point there.
 
 ![curves](curves.png)
 
@@ -200,7 +203,7 @@ GRPO settings: {settings}.
 
 ## Try it
 
-    xomni generate --bundle {bundle} --prompt "a photo of two red circles" --size {cfg.image_size}x{cfg.image_size} --out generated
+    xomni generate --bundle {_shown(bundle)} --prompt "a photo of two red circles" --size {cfg.image_size}x{cfg.image_size} --out generated
 
 ## Wall time per stage (seconds, this machine)
 
@@ -209,6 +212,14 @@ GRPO settings: {settings}.
 {timing}
 | **total** | **{sum(timings.values()):.0f}** |
 """
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies below it (the committed report holds no home dirs)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def spread(figures: list[dict]) -> dict:
