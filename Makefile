@@ -8,7 +8,7 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 
 demo: install
-	$(PY) -m megatron_xomni.cli demo --out runs/demo
+	$(PY) -m megatron_xomni.cli demo --out runs/demo --publish reports/tiny_demo
 
 demo-smoke: install
 	$(PY) -m megatron_xomni.cli demo --out runs/demo-smoke --smoke

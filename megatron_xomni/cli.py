@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rewards", default=None,
                    help="rewards scored on every image, NAME=WEIGHT,... (default: world_alignment=1 for world, "
                         "none otherwise; 'none' turns them off)")
+    e.add_argument("--decoder-seeds", type=int, default=1,
+                   help="world: decode every token sequence K times (K >= 2 adds the decoder-noise floor and "
+                        "the honest best-of-N, re-scored with a fresh decoder seed, to eval.json)")
     e.add_argument("--out", required=True, help="output folder")
     _add_image_args(e, None, "64x64 for world, else 1024x1024")
     _add_sampling_args(e, "image tokens")
@@ -402,6 +405,9 @@ def cmd_evaluate(args) -> int:
     n_img = args.images_per_prompt or ev.DEFAULT_IMAGES[args.benchmark]
     _check_count("--images-per-prompt", n_img)
     _check_count("--batch-size", args.batch_size)
+    _check_count("--decoder-seeds", args.decoder_seeds)
+    if args.decoder_seeds > 1 and args.benchmark != "world":
+        raise UsageError("--decoder-seeds applies to --benchmark world only: drop it")
     rewards = ev.parse_rewards(args.rewards, args.benchmark)
     skills = ev.parse_skills(args.skills)
     spec = inspect_paths(_paths(args, decoder=True))
@@ -411,7 +417,8 @@ def cmd_evaluate(args) -> int:
     spec.check_generation(texts, height, width)
     sampling = _sampling(args)
     par = _layout(args, spec)
-    job = ev.EvalJob(args.benchmark, prompts, n_img, height, width, args.seed, rewards, str(spec.checkpoint))
+    job = ev.EvalJob(args.benchmark, prompts, n_img, height, width, args.seed, rewards, str(spec.checkpoint),
+                     args.decoder_seeds)
 
     from megatron_xomni.inference.pipeline import XOmniPipeline
     from megatron_xomni.parallel import destroy_parallel
@@ -419,17 +426,23 @@ def cmd_evaluate(args) -> int:
     pg = _start(par, args.seed)
     try:
         pipe = XOmniPipeline.from_spec(spec, pg=pg, dtype=args.dtype, max_rows_per_forward=args.batch_size)
-        jobs = [(t, seed) for t, seeds in zip(texts, ev.image_seeds(job)) for seed in seeds]
-        images: list[list] = [[] for _ in prompts]
+        redecodes = None
+        if args.benchmark == "world":  # codes sampled once, decoded --decoder-seeds times
+            decodes = ev.generate_world_images(pipe, job, sampling, args.cfg_scale, args.decoder_steps,
+                                               args.decoder_guidance, args.batch_size, not args.no_progress)
+            images, redecodes = (decodes[0], decodes[1:]) if decodes is not None else (None, None)
+        else:
+            jobs = [(t, seed) for t, seeds in zip(texts, ev.image_seeds(job)) for seed in seeds]
+            images = [[] for _ in prompts]
 
-        def keep(k: int, img) -> None:
-            images[k // n_img].append(img)
+            def keep(k: int, img) -> None:
+                images[k // n_img].append(img)
 
-        _generate_all(pipe, jobs, height, width, args, sampling, keep)
+            _generate_all(pipe, jobs, height, width, args, sampling, keep)
         if _rank() == 0:
             ceiling = ev.render_ground_truth(pipe.renderer, job, args.decoder_steps, args.decoder_guidance) \
                 if args.benchmark == "world" and rewards else None
-            summary = ev.write_outputs(job, images, Path(args.out), ground_truth=ceiling)
+            summary = ev.write_outputs(job, images, Path(args.out), ground_truth=ceiling, redecodes=redecodes)
             headline = {k: summary[k] for k in ("overall", "accuracy") if k in summary}
             print(json.dumps({"benchmark": args.benchmark, "out": args.out, **headline}), flush=True)
     finally:

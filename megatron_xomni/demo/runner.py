@@ -50,17 +50,27 @@ class DemoConfig:
     """Prompts per GRPO step."""
     grpo_group: int = 8
     """Samples per prompt (G)."""
+    grpo_lr: float = 1e-4
+    """GRPO learning rate (constant)."""
+    grpo_kl_beta: float = 0.01
+    """Weight of the k3 KL penalty to the SFT reference."""
+    grpo_shared_decoder_seed: bool = True
+    """One decoder seed per group (common random numbers: decoder noise stays out of the advantage)."""
+    grpo_reward_decodes: int = 1
+    """Decodes per rollout whose rewards are averaged."""
     eval_per_skill: int = 8
-    """Held-out prompts per skill in each evaluation."""
+    """Held-out prompts per skill in each evaluation (6 skills: 48 prompts)."""
     eval_samples: int = 16
     """Images per evaluation prompt (best-of-N uses all of them)."""
+    eval_decoder_seeds: int = 4
+    """Decodes of every evaluated token sequence (the noise floor; >= 2 for the honest best-of-N)."""
     ranks: int = 2
     """Data-parallel CPU ranks of the AR training stages."""
 
     @classmethod
     def smoke(cls, out: str) -> "DemoConfig":
         return cls(out=out, corpus_samples=600, tokenizer_steps=20, pt_iters=20, sft_iters=10, decoder_steps=20, vae_fit_steps=5,
-                   grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2)
+                   grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2, eval_decoder_seeds=2)
 
 
 class Stage:

@@ -130,7 +130,8 @@ def _evaluate(ctx: DemoContext, ckpt: Path, name: str) -> dict:
              *_artifacts(ctx), "--out", str(out), "--per-skill", str(cfg.eval_per_skill),
              "--images-per-prompt", str(cfg.eval_samples), "--size", size, "--skills", EVAL_SKILLS,
              "--rewards", "world_alignment=1.0", "--decoder-steps", str(cfg.decoder_sample_steps),
-             "--seed", str(cfg.seed + 2024), "--batch-size", "64", "--no-progress"], name)
+             "--seed", str(cfg.seed + 2024), "--batch-size", "64", "--no-progress",
+             "--decoder-seeds", str(cfg.eval_decoder_seeds)], name)
     return json.loads((out / "eval.json").read_text())
 
 
@@ -145,23 +146,19 @@ def grpo(ctx: DemoContext) -> dict:
         f"init_from={ctx.out / 'sft' / 'ckpt'}", f"text_tokenizer={text_tokenizer_path(ctx)}",
         f"image_tokenizer={image_tokenizer_path(ctx)}", f"decoder={decoder_path(ctx)}", f"save_dir={save}",
         f"steps={cfg.grpo_steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
-        f"grpo.micro_batch_size={cfg.grpo_group}",
+        f"grpo.micro_batch_size={cfg.grpo_group}", f"optim.lr={cfg.grpo_lr}", f"optim.min_lr={cfg.grpo_lr}",
+        f"grpo.kl_beta={cfg.grpo_kl_beta}", f"shared_decoder_seed={cfg.grpo_shared_decoder_seed}",
+        f"reward_decodes={cfg.grpo_reward_decodes}",
         f"decoder_steps={cfg.decoder_sample_steps}", f"image_height={cfg.image_size}", f"image_width={cfg.image_size}",
         f"seed={cfg.seed}", f"save_interval={max(cfg.grpo_steps // 4, 1)}",
     ], "grpo")
     recs = [json.loads(l) for l in (save / "metrics.jsonl").read_text().splitlines() if l]
-    return {"checkpoint": str(save), "first_reward": recs[0]["reward_mean"], "last_reward": recs[-1]["reward_mean"]}
+    return {"checkpoint": str(save), "first_reward": recs[0]["reward_mean"], "last_reward": recs[-1]["reward_mean"],
+            "mean_dropped_group_share": sum(r.get("grpo_dropped_group_share", 0.0) for r in recs) / len(recs)}
 
 
 def eval_grpo(ctx: DemoContext) -> dict:
     return _evaluate(ctx, ctx.out / "grpo" / "ckpt", "eval_grpo")
-
-
-def _curve(ax, path: Path, key: str, label: str) -> None:
-    if path.exists():
-        recs = [json.loads(l) for l in path.read_text().splitlines() if l]
-        pts = {r["iteration"]: r[key] for r in recs if key in r}
-        ax.plot(list(pts), list(pts.values()), label=label)
 
 
 def make_bundle(ctx: DemoContext) -> Path:
@@ -178,84 +175,29 @@ def make_bundle(ctx: DemoContext) -> Path:
 
 
 def report(ctx: DemoContext) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from megatron_xomni.evaluation.world_bench import markdown_table
-
-    out = ctx.out
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    _curve(axes[0], out / "pretrain" / "ckpt" / "metrics.jsonl", "train_loss", "pre-train")
-    _curve(axes[0], out / "sft" / "ckpt" / "metrics.jsonl", "train_loss", "SFT")
-    axes[0].set(title="AR model loss", xlabel="step", ylabel="loss")
-    axes[0].legend()
-    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_mean", "mean reward")
-    _curve(axes[1], out / "grpo" / "ckpt" / "metrics.jsonl", "reward_max", "max reward")
-    axes[1].set(title="GRPO reward", xlabel="step", ylabel="reward")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
+    """report.md + curves.png (demo/report.py): the targets table, rewards, ceiling, noise floor,
+    per-skill accuracy before/after RL, curves and sample grids; figures.json holds the target figures."""
     from megatron_xomni.data.image_grid import ImageGrid
+    from megatron_xomni.demo import report as rep
     from megatron_xomni.models.siglip_vq.model import check_pretrained
 
-    grid = ImageGrid.from_pixels(ctx.cfg.image_size, ctx.cfg.image_size,
-                                 check_pretrained(image_tokenizer_path(ctx)).patch_size)
+    out, cfg = ctx.out, ctx.cfg
+    rep.curves(out, {"pretrain": out / "pretrain" / "ckpt" / "metrics.jsonl",
+                     "sft": out / "sft" / "ckpt" / "metrics.jsonl", "grpo": out / "grpo" / "ckpt" / "metrics.jsonl"})
+    grid = ImageGrid.from_pixels(cfg.image_size, cfg.image_size, check_pretrained(image_tokenizer_path(ctx)).patch_size)
     sft, rl = json.loads((out / "eval_sft" / "eval.json").read_text()), json.loads((out / "eval_grpo" / "eval.json").read_text())
-    beats = rl["mean_reward"] > sft["best_of_n_reward"]
-    n = sft["samples_per_prompt"]
-    timings = "\n".join(f"| {k} | {v:.0f} |" for k, v in ctx.timings.items())
-    text = f"""# megatron-xomni tiny pipeline report
-
-Built-in world, {ctx.cfg.image_size} px images ({grid.rows}x{grid.cols} image tokens), all on CPU.
-Seeds: data {ctx.cfg.seed}, evaluation sampling {sft['seed']} (the same prompts and seeds for both policies).
-Evaluation: {sft['num_prompts']} held-out prompts x {n} samples each (T=1.0, min-p 0.03), scored by the world detector.
-
-## Reward: GRPO vs SFT (the paper's claim: RL beats SFT best-of-N)
-
-| policy | mean single-sample reward | best-of-{n} reward |
-|---|---|---|
-| SFT | {sft['mean_reward']:.3f} | {sft['best_of_n_reward']:.3f} |
-| GRPO | {rl['mean_reward']:.3f} | {rl['best_of_n_reward']:.3f} |
-
-GRPO's mean single-sample reward {'**beats**' if beats else '**does not beat**'} SFT best-of-{n}
-({rl['mean_reward']:.3f} vs {sft['best_of_n_reward']:.3f}).
-
-Rendering ceiling: the held-out prompts' *ground-truth* images, encoded by the frozen tokenizer and
-rendered by the frozen decoder, score {sft.get('ground_truth_codes_reward', float('nan')):.3f}; ground-truth pixels score 1.0.
-A policy's images cannot score above what the tokenizer + decoder can render.
-
-## Accuracy per skill (GenEval-style: all checks of a prompt must pass)
-
-{markdown_table({'SFT': {'per_skill': sft['per_skill'], 'overall': sft['accuracy']}, 'GRPO': {'per_skill': rl['per_skill'], 'overall': rl['accuracy']}})}
-
-## Curves
-
-![curves](curves.png)
-
-## Samples (first column: a ground-truth world image for the prompt; then policy samples)
-
-| SFT | GRPO |
-|---|---|
-| ![sft](eval_sft/samples.png) | ![grpo](eval_grpo/samples.png) |
-
-## Try it
-
-    xomni generate --bundle {out / 'bundle'} --prompt "a photo of two red circles" --size 64x64 --out {out / 'generated'}
-
-## Wall time per stage (seconds, this machine)
-
-| stage | seconds |
-|---|---|
-{timings}
-"""
+    ceiling = rep.ceiling_figures(ctx, sft)
+    timings = {k: v for k, v in ctx.timings.items() if k != "report"}
+    fig = rep.target_figures(sft, rl, ceiling, sum(timings.values()))
+    settings = {"steps": cfg.grpo_steps, "prompts/step": cfg.grpo_prompts, "G": cfg.grpo_group, "lr": cfg.grpo_lr,
+                "kl_beta": cfg.grpo_kl_beta, "shared_decoder_seed": cfg.grpo_shared_decoder_seed,
+                "reward_decodes": cfg.grpo_reward_decodes}
+    text = rep.render(cfg, grid, sft, rl, ceiling, fig, timings, out / "bundle", settings)
     (out / "report.md").write_text(text)
+    (out / "figures.json").write_text(json.dumps(fig, indent=2))
     make_bundle(ctx)
-    return {"grpo_beats_sft_best_of_n": beats, "sft": sft["mean_reward"], "sft_best_of_n": sft["best_of_n_reward"],
-            "grpo": rl["mean_reward"]}
+    return {"figures": fig, "targets": [{"target": t, "measured": v, "met": m, "margin": g}
+                                        for t, v, m, g in rep.targets(fig)]}
 
 
 def decoder(ctx: DemoContext) -> dict:

@@ -15,7 +15,14 @@ expects, and combine the scorers (megatron_xomni.evaluation) with rewards (megat
             LongText metric (rapidocr): `<out>/longtext.json` + `<out>/longtext.md`.
 
 Image j of prompt i uses seed `seed + i * images_per_prompt + j`, so any single image can be
-regenerated with `xomni generate --seed ...`. `--rewards NAME=WEIGHT,...` (default: world_alignment
+regenerated with `xomni generate --seed ...`. World only, `decoder_seeds` = K >= 2 decodes every token
+sequence K times (decode 0 is the image above; decode k >= 1 of every sample of prompt i uses the one
+decoder seed `seed + P * N + P * k + i`, P prompts x N images - after the ceiling seeds, disjoint from
+every other seed - so decodes 1.. are common random numbers within a prompt, as GRPO decodes) and adds the
+diagnostics of megatron_xomni.evaluation.diagnostics to eval.json: the noise floor (decoder-seed
+share of the reward variance), the honest best-of-N (picked on decode 0, re-scored by the mean of
+decodes 1..K-1) and
+per-skill all-or-nothing accuracy next to partial credit. `--rewards NAME=WEIGHT,...` (default: world_alignment
 for world, none otherwise) adds the reward statistics to summary.json (and eval.json); a reward that
 does not apply to an image (None) counts as 0, as in GRPO.
 """
@@ -58,6 +65,8 @@ class EvalJob:
     """Reward weights {name: weight} scored on every image (None: no reward statistics)."""
     checkpoint: Optional[str] = None
     """The evaluated checkpoint (recorded in the reports)."""
+    decoder_seeds: int = 1
+    """World only: decodes per token sequence (K >= 2 adds the noise floor and the honest best-of-N)."""
 
 
 def parse_rewards(text: Optional[str], benchmark: str) -> Optional[dict]:
@@ -183,6 +192,44 @@ def image_seeds(job: EvalJob) -> list[list[int]]:
     return [[job.seed + i * n + j for j in range(n)] for i in range(len(job.prompts))]
 
 
+def decode_seeds(job: EvalJob, k: int) -> list[list[int]]:
+    """seeds[i][j] of decode k of image j of prompt i (k = 0: the image seed; k >= 1: one seed per
+    prompt and decode; see the module docstring)."""
+    if k == 0:
+        return image_seeds(job)
+    p, n = len(job.prompts), job.images_per_prompt
+    return [[job.seed + p * n + p * k + i] * n for i in range(p)]
+
+
+def generate_world_images(pipe, job: EvalJob, sampling, cfg_scale: float, decoder_steps: Optional[int],
+                          decoder_guidance: float, batch_size: int, progress: bool = False):
+    """images[k][i][j]: decode k of sample j of prompt i (rank 0; None elsewhere). The token sequences
+    are sampled once (seeded by the image seed) and decoded job.decoder_seeds times."""
+    from tqdm import tqdm
+
+    texts = [prompt_text(job.benchmark, p) for p in job.prompts]
+    n, k_all = job.images_per_prompt, job.decoder_seeds
+    flat = [(i, j) for i in range(len(texts)) for j in range(n)]
+    seeds = [decode_seeds(job, k) for k in range(k_all)]
+    out = [[[] for _ in texts] for _ in range(k_all)] if pipe.is_output_rank else None
+    bar = tqdm(total=len(flat), unit="img", disable=not progress or not pipe.is_output_rank, dynamic_ncols=True)
+    try:
+        for s in range(0, len(flat), batch_size):
+            part = flat[s:s + batch_size]
+            codes = pipe.generate_codes([texts[i] for i, _ in part], job.height, job.width,
+                                        [seeds[0][i][j] for i, j in part], sampling, cfg_scale)
+            if out is not None:
+                for k in range(k_all):
+                    images = pipe.decode_codes(codes, [texts[i] for i, _ in part], [seeds[k][i][j] for i, j in part],
+                                               decoder_steps, decoder_guidance)
+                    for (i, _), im in zip(part, images):
+                        out[k][i].append(im)
+            bar.update(len(part))
+    finally:
+        bar.close()
+    return out
+
+
 def ceiling_seeds(job: EvalJob) -> list[int]:
     """Decoder seeds of the ground-truth renders: after every generated image's seed."""
     first = job.seed + len(job.prompts) * job.images_per_prompt
@@ -208,23 +255,54 @@ def render_ground_truth(renderer, job: EvalJob, steps: Optional[int] = None,
     return out
 
 
+def reward_table(job: EvalJob, images: list[list[Image.Image]], ensemble=None) -> list[list[float]]:
+    """rewards[i][j] of image j of prompt i (a reward that does not apply counts 0)."""
+    from megatron_xomni.rewards import RewardEnsemble
+
+    ensemble = ensemble or RewardEnsemble(dict(job.rewards))
+    texts = [prompt_text(job.benchmark, p) for p in job.prompts]
+    out = []
+    for t, p, imgs in zip(texts, job.prompts, images):
+        total = ensemble([t] * len(imgs), imgs, [p.meta] * len(imgs)).total
+        out.append([0.0 if v is None else float(v) for v in total])
+    return out
+
+
 def reward_report(job: EvalJob, images: list[list[Image.Image]],
-                  ground_truth: Optional[list[Image.Image]] = None) -> dict:
-    """Mean single-sample reward, best-of-N reward and (given the ground-truth renders) the ceiling."""
+                  ground_truth: Optional[list[Image.Image]] = None,
+                  redecodes: Optional[list[list[list[Image.Image]]]] = None) -> dict:
+    """Mean single-sample reward, best-of-N reward and (given the ground-truth renders) the ceiling.
+
+    `redecodes`: decodes 1..K-1 of the same token sequences (evaluation.diagnostics): adds the noise
+    floor, the honest best-of-N and mean_reward_all_decodes (over every decode: a lower-variance
+    estimate of the same mean)."""
+    from megatron_xomni.evaluation.diagnostics import best_of_n, noise_floor
     from megatron_xomni.rewards import RewardEnsemble
 
     ensemble = RewardEnsemble(dict(job.rewards))
     texts = [prompt_text(job.benchmark, p) for p in job.prompts]
-    per_prompt = []
-    for t, p, imgs in zip(texts, job.prompts, images):
-        total = ensemble([t] * len(imgs), imgs, [p.meta] * len(imgs)).total
-        per_prompt.append([0.0 if v is None else float(v) for v in total])
+    per_prompt = reward_table(job, images, ensemble)
     out = {"rewards": dict(job.rewards),
            "mean_reward": sum(map(sum, per_prompt)) / sum(map(len, per_prompt)),
            "best_of_n_reward": sum(max(r) for r in per_prompt) / len(per_prompt)}
+    if redecodes:
+        tables = [per_prompt] + [reward_table(job, imgs, ensemble) for imgs in redecodes]
+        cube = [[[t[i][j] for t in tables] for j in range(len(per_prompt[i]))] for i in range(len(per_prompt))]
+        out["decoder_seeds"] = len(tables)
+        out["noise_floor"] = noise_floor(cube, shared_from=1)  # decodes 1.. share a seed per prompt
+        out["mean_reward_all_decodes"] = out["noise_floor"]["mean_reward"]
+        # picked on decode 0, scored by the mean of the fresh decodes 1..K-1 (less seed luck per prompt)
+        fresh = [[sum(t[i][j] for t in tables[1:]) / (len(tables) - 1) for j in range(len(per_prompt[i]))]
+                 for i in range(len(per_prompt))]
+        out["honest_best_of_n_reward"] = best_of_n(tables[0], fresh)["honest"]
+        out["decode_rewards"] = tables  # [decode][prompt][sample]: the table the figures come from
     if ground_truth is not None:
-        total = ensemble(texts, ground_truth, [p.meta for p in job.prompts]).total
-        out["ground_truth_codes_reward"] = sum(0.0 if v is None else float(v) for v in total) / len(texts)
+        total = [0.0 if v is None else float(v) for v in ensemble(texts, ground_truth, [p.meta for p in job.prompts]).total]
+        out["ground_truth_codes_reward"] = sum(total) / len(texts)
+        by_skill: dict = {}
+        for p, v in zip(job.prompts, total):
+            by_skill.setdefault(p.meta.get("skill", "all"), []).append(v)
+        out["ground_truth_codes_reward_per_skill"] = {k: sum(v) / len(v) for k, v in sorted(by_skill.items())}
     return out
 
 
@@ -240,16 +318,19 @@ def samples_grid(prompts, images: list[list[Image.Image]], per_row: int) -> Imag
 
 
 def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
-                  ocr: Optional[Callable] = None, ground_truth: Optional[list[Image.Image]] = None) -> dict:
+                  ocr: Optional[Callable] = None, ground_truth: Optional[list[Image.Image]] = None,
+                  redecodes: Optional[list[list[list[Image.Image]]]] = None) -> dict:
     """Write images (and, for world/longtext, the scores) for `images[i]` = the images of prompt i.
-    `ground_truth`: world only, the renders of `render_ground_truth` (adds the ceiling to eval.json)."""
+    `ground_truth`: world only, the renders of `render_ground_truth` (adds the ceiling to eval.json);
+    `redecodes`: world only, decodes 1..K-1 of the same sequences (adds the diagnostics)."""
     out.mkdir(parents=True, exist_ok=True)
     b = job.benchmark
     summary: dict = {"benchmark": b, "num_prompts": len(job.prompts), "images_per_prompt": job.images_per_prompt,
                      "height": job.height, "width": job.width, "seed": job.seed}
     if job.checkpoint is not None:
         summary["checkpoint"] = job.checkpoint
-    rewards = reward_report(job, images, ground_truth if b == "world" else None) if job.rewards else {}
+    rewards = reward_report(job, images, ground_truth if b == "world" else None,
+                            redecodes if b == "world" else None) if job.rewards else {}
     summary.update(rewards)
     if b == "world":
         from megatron_xomni.evaluation.world_bench import score_world_benchmark, write_report
@@ -257,13 +338,17 @@ def write_outputs(job: EvalJob, images: list[list[Image.Image]], out: Path,
         for i, imgs in enumerate(images):
             for j, im in enumerate(imgs):
                 _save(im, out / "images" / f"{i:04d}_{j}.png")
+        from megatron_xomni.evaluation.diagnostics import per_skill_metrics
+
         report = score_world_benchmark(job.prompts, images, ocr=ocr)
+        skills = per_skill_metrics(report["rows"])  # all-or-nothing accuracy and partial credit, per skill
         j_path, m_path = write_report(report, out, name="world")
         summary.update(overall=report["overall"], per_skill=report["per_skill"], report=str(j_path),
                        table=str(m_path))
         policy = {"checkpoint": job.checkpoint, "seed": job.seed, "samples_per_prompt": job.images_per_prompt,
                   "num_prompts": len(job.prompts), **rewards, "accuracy": report["overall"],
-                  "per_skill": report["per_skill"], "per_skill_fraction": report["per_skill_fraction"]}
+                  "per_skill": report["per_skill"], "per_skill_fraction": report["per_skill_fraction"],
+                  "per_skill_metrics": skills}
         (out / "eval.json").write_text(json.dumps(policy, indent=2))
         samples_grid(job.prompts, images, per_row=min(job.images_per_prompt, 4)).save(out / "samples.png")
     elif b == "geneval":

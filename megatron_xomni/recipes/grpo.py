@@ -47,7 +47,14 @@ def xomni_7b_grpo() -> GRPORunConfig:
 
 @recipe
 def tiny_grpo() -> GRPORunConfig:
-    """The tiny CPU analogue on the built-in world (64 px = 4x4 codes); paths set by the demo."""
+    """The tiny CPU analogue on the built-in world (64 px = 4x4 codes); paths set by the demo.
+
+    The decoder is not the policy: one decoder seed per group (shared_decoder_seed, common random
+    numbers) and reward_decodes=1; zero-variance groups are dropped. The demo passes its own steps,
+    G, lr and KL weight (DemoConfig grpo_*; `xomni demo --set grpo_lr=...`). Measured with the
+    2026-12-01 tiny tokenizer/decoder (ceiling 0.155): no setting moved the held-out reward
+    (reports/tiny_demo/NOTES.md) - the settings are not tuned against the final tokenizer.
+    """
     return GRPORunConfig(
         name="tiny_grpo", model=model_preset("tiny"),
         optim=OptimConfig(lr=1e-4, min_lr=1e-4, weight_decay=0.0, clip_grad=1.0),
@@ -55,6 +62,7 @@ def tiny_grpo() -> GRPORunConfig:
                         micro_batch_size=8),
         sampling=SamplingConfig(temperature=1.0, min_p=0.03), group_size=8, prompts_per_step=8, steps=20,
         image_height=64, image_width=64, decoder_steps=8, rewards={"world_alignment": 1.0},
+        shared_decoder_seed=True, reward_decodes=1,
         prompts=PromptConfig(skills=["single_object", "two_objects", "counting", "colors", "position", "color_attr"]),
         init_from="runs/tiny/sft", text_tokenizer="runs/tiny/text_tokenizer", image_tokenizer="runs/tiny/siglip_vq/export/tokenizer",
         decoder="runs/tiny/decoder", save_dir="runs/tiny/grpo", save_interval=5,

@@ -10,6 +10,12 @@ Aggregation over a minibatch (all data-parallel ranks together):
 Both become one per-token weight tensor computed before the forward, so the loss a micro-batch
 returns is already on the global scale and the result does not depend on how rows are split
 into micro-batches, pipeline stages or data-parallel ranks.
+
+Zero-variance groups (every sample of a prompt scored the same) carry no learning signal: their
+advantages are 0, so they would only add the KL term and dilute the normaliser. With
+`drop_zero_variance_groups` they are removed from the update (not forwarded, not in the
+normaliser) and counted; a minibatch whose groups are all dropped on every replica skips its
+optimizer step (an Adam step on a zero gradient would still move the weights by momentum).
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class GRPOConfig:
     """Rows per forward/backward micro-batch."""
     pad_id: int = 0
     """Token used to right-pad sequences (never scored)."""
+    drop_zero_variance_groups: bool = True
+    """Leave groups whose rewards are all equal (max - min <= zero_variance_tol) out of the update."""
+    zero_variance_tol: float = 1e-9
+    """Reward spread at or below which a group counts as zero-variance."""
 
     def validate(self) -> None:
         if self.loss_aggregation not in ("sequence", "token"):
@@ -68,6 +78,8 @@ class GRPOConfig:
             raise ValueError(f"clip eps ({self.clip_eps_low}, {self.clip_eps_high}) must satisfy 0 <= low < 1, high >= 0")
         if self.kl_beta < 0:
             raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
+        if self.zero_variance_tol < 0:
+            raise ValueError(f"zero_variance_tol={self.zero_variance_tol} must be >= 0")
         for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -91,6 +103,32 @@ def group_advantages(rewards: torch.Tensor, group_ids: Sequence[int], eps: float
             centred = centred / (std + eps)
         adv[sel] = centred
     return adv.float()
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_ids: Sequence[int], tol: float = 1e-9) -> set[int]:
+    """Ids of the groups whose rewards all lie within `tol` of each other (no learning signal)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    gids = torch.as_tensor(list(group_ids), dtype=torch.long)
+    out = set()
+    for g in torch.unique(gids).tolist():
+        r = rewards[gids == g]
+        if float(r.max() - r.min()) <= tol:
+            out.add(int(g))
+    return out
+
+
+def update_rows(rows: Sequence[int], keep: Sequence[bool], micro_batch_size: int) -> tuple[list[int], int]:
+    """(rows to forward, how many of them are kept) for one minibatch.
+
+    The kept rows, topped up with dropped rows (whose action mask is then zeroed) to a multiple of
+    `micro_batch_size`; a replica whose rows are all dropped still forwards one zero-weight
+    micro-batch, so that its collectives match the other replicas'. `rows` holds a multiple of
+    `micro_batch_size`, so the dropped rows always suffice.
+    """
+    kept = [i for i in rows if keep[i]]
+    dropped = [i for i in rows if not keep[i]]
+    pad = micro_batch_size if not kept else (-len(kept)) % micro_batch_size
+    return sorted(kept + dropped[:pad]), len(kept)
 
 
 def grpo_token_terms(logp, old_logp, ref_logp, advantages, cfg: GRPOConfig) -> dict:
@@ -169,8 +207,11 @@ class GRPOStep:
 
     Returns statistics: loss / pg_loss (objective per update, averaged over updates), kl,
     clip_fraction, entropy and ratio_mean (token means over all replicas and updates),
-    first_update_ratio_mean (1 for on-policy rollouts), grad_norms per update, and this
-    replica's reward_mean, advantage_abs_mean and response_length; `time` splits seconds into
+    first_update_ratio_mean (1 for on-policy rollouts), grad_norms per update, dropped_groups and
+    dropped_group_share (zero-variance groups left out, over all replicas), num_updates and
+    skipped_updates (minibatches with no group left anywhere), and this replica's reward_mean,
+    advantage_abs_mean and response_length (entropy, kl, ... cover the kept rows only; NaN when
+    nothing was kept); `time` splits seconds into
     prepare / reference / update (generation is timed by the caller).
     """
 
@@ -227,7 +268,13 @@ class GRPOStep:
                     f"not a positive multiple of micro_batch_size={cfg.micro_batch_size}: give every replica "
                     f"prompts of every residue class and a micro_batch_size dividing each part"
                 )
-        adv = group_advantages(rewards, [r.prompt_id for r in rollouts], cfg.adv_eps, cfg.scale_adv_by_std)
+        gids = [r.prompt_id for r in rollouts]
+        adv = group_advantages(rewards, gids, cfg.adv_eps, cfg.scale_adv_by_std)
+        flat = zero_variance_groups(rewards, gids, cfg.zero_variance_tol) if cfg.drop_zero_variance_groups else set()
+        keep = [g not in flat for g in gids]
+        # groups over all replicas (a group lives on one replica; every rank of a replica has the same rows)
+        counts = torch.tensor([float(len(set(gids))), float(len(flat))], dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=pg.dp)
         batch = pack_rollouts(rollouts, cfg.pad_id)
         batch["advantages"] = adv
         times["prepare"] = time.perf_counter() - t0
@@ -245,10 +292,19 @@ class GRPOStep:
 
         t0 = time.perf_counter()
         device = _device(self.policy)
+        plan = []
+        for rows in parts:
+            used, n_kept = update_rows(rows, keep, cfg.micro_batch_size)
+            kept_anywhere = torch.tensor([float(n_kept)], dtype=torch.float64)
+            torch.distributed.all_reduce(kept_anywhere, group=pg.dp_cp)
+            if kept_anywhere.item() > 0:  # else every replica skips this update (no optimizer step)
+                plan.append(used)
         updates = []
         for _ in range(cfg.ppo_epochs):
-            for rows in parts:
-                cpu_part = {k: v[rows] for k, v in batch.items()}
+            for used in plan:
+                cpu_part = {k: v[used] for k, v in batch.items()}
+                cpu_part["action_mask"] = cpu_part["action_mask"] * torch.tensor(
+                    [float(keep[i]) for i in used]).unsqueeze(-1)  # dropped rows padding a micro-batch weigh 0
                 spans = [scored_span(m, text_vocab) for m in split_microbatches(cpu_part, cfg.micro_batch_size)]
                 part = _to(cpu_part, device)
                 part["loss_weight"] = loss_weights(part["action_mask"], cfg.loss_aggregation, pg.dp_cp)
@@ -258,10 +314,22 @@ class GRPOStep:
                 updates.append(self._update(mbs))
         times["update"] = time.perf_counter() - t0
 
+        n_groups, n_dropped = counts.tolist()
+        lengths = torch.tensor([float(r.num_sampled) for r in rollouts])
+        common = {
+            "dropped_groups": n_dropped, "dropped_group_share": n_dropped / max(n_groups, 1.0),
+            "num_updates": len(updates), "skipped_updates": (len(parts) - len(plan)) * cfg.ppo_epochs,
+            "reward_mean": rewards.mean().item(), "advantage_abs_mean": adv.abs().mean().item(),
+            "response_length": lengths.mean().item(), "time": times,
+        }
+        if not updates:  # every group of the step had zero variance: nothing was trained
+            nan = float("nan")
+            return {"loss": 0.0, "pg_loss": 0.0, "kl": nan, "clip_fraction": nan, "entropy": nan,
+                    "ratio_mean": nan, "first_update_ratio_mean": nan, "grad_norms": [], "updates_ok": True,
+                    **common}
         total = torch.stack([s for s, _, _ in updates]).sum(0)
         tokens = total[_STATS.index("tokens")].clamp(min=1)
         first = updates[0][0]
-        lengths = torch.tensor([float(r.num_sampled) for r in rollouts])
         return {
             "loss": (total[0] / len(updates)).item(),
             "pg_loss": (total[1] / len(updates)).item(),
@@ -272,9 +340,5 @@ class GRPOStep:
             "first_update_ratio_mean": (first[5] / first[6].clamp(min=1)).item(),
             "grad_norms": [g for _, _, g in updates],
             "updates_ok": all(ok for _, ok, _ in updates),
-            "num_updates": len(updates),
-            "reward_mean": rewards.mean().item(),
-            "advantage_abs_mean": adv.abs().mean().item(),
-            "response_length": lengths.mean().item(),
-            "time": times,
+            **common,
         }

@@ -4,7 +4,9 @@ Each step: this data-parallel replica takes its share of the step's prompts (row
 prompt source - a .jsonl/.txt file, a benchmark file or the built-in world's training stream -
 addressed by global index so the prompt position resumes exactly), samples G image
 token sequences per prompt with the policy in its training TP/PP layout (KV cache), renders them
-with the frozen tokenizer + diffusion decoder, scores them with the reward ensemble (each reward
+with the frozen tokenizer + diffusion decoder (one decoder seed per group by default, optionally
+several decodes averaged: rl/decoder_noise.py), scores them with the reward ensemble, each TP/PP
+peer decoding and scoring only its share (rl/scoring.py; each reward
 reads the prompt row's fields it declares; a row lacking one is a counted failure) and applies
 the GRPO objective (clipped ratios, k3 KL to a frozen reference held in the same layout).
 Checkpoints hold policy, optimizer, step and RNG; the reference is re-read from `init_from`.
@@ -24,6 +26,7 @@ import torch
 from megatron_xomni.data.prompts import PromptConfig
 from megatron_xomni.models.xomni.config import XOmniModelConfig
 from megatron_xomni.parallel.layout import ParallelConfig
+from megatron_xomni.rl.decoder_noise import averaged_rewards
 from megatron_xomni.rl.grpo import GRPOConfig
 from megatron_xomni.rl.scoring import decode_and_score
 from megatron_xomni.data.image_grid import ImageGrid
@@ -70,6 +73,11 @@ class GRPORunConfig(RunSection):
     decoder_batch_size: int = 16
     """Images per decoder call (bounds its memory); also the unit of decoding and scoring work shared
     among the TP/PP peers of a replica (rl/scoring.py)."""
+    shared_decoder_seed: bool = True
+    """Decode the G samples of a group with one decoder seed (common random numbers), so decoder
+    noise does not enter the advantage (rl/decoder_noise.py); False: one seed per sample."""
+    reward_decodes: int = 1
+    """Decodes per rollout whose rewards are averaged (K; each costs one more decoder pass)."""
     rewards: dict = field(default_factory=lambda: {"world_alignment": 1.0, "ocr_text": 1.0})
     """Reward ensemble weights (name -> weight), rewards by their registered names."""
     reward_args: dict = field(default_factory=dict)
@@ -87,7 +95,7 @@ class GRPORunConfig(RunSection):
         self.validate_run()
         self.optim.validate()
         check_numbers({"group_size": self.group_size, "prompts_per_step": self.prompts_per_step,
-                       "decoder_steps": self.decoder_steps,
+                       "decoder_steps": self.decoder_steps, "reward_decodes": self.reward_decodes,
                        "decoder_batch_size": self.decoder_batch_size, "image_height": self.image_height,
                        "image_width": self.image_width}, 1)
         dp = self.parallel.data_parallel(world_size)
@@ -250,24 +258,30 @@ class GRPOTrainer:
         codes = torch.stack([r.codes.view(h, w) for r in rollouts])
         metas = [rows[r.prompt_id - first] for r in rollouts]
         captions = [m["prompt"] for m in metas]
-        seeds = [cfg.seed * 7919 + self.step * 100_000 + r.sample_id for r in rollouts]
-        # Each TP/PP peer of this replica decodes and scores its share; the rewards are gathered.
-        rendered, result = decode_and_score(self.renderer, self.rewards, codes, seeds, captions, metas, self.pg.mp)
-        images = [rendered[i] for i in sorted(rendered)]
-        rewards = [0.0 if v is None else float(v) for v in result.total]
-        t_decode = time.perf_counter() - t0  # decode + reward of this rank's share, and the gather
+
+        def decode_score(seeds):
+            # Each TP/PP peer of this replica decodes and scores its share; the rewards are gathered.
+            rendered, res = decode_and_score(self.renderer, self.rewards, codes, seeds, captions, metas, self.pg.mp)
+            return [0.0 if v is None else float(v) for v in res.total], res, [rendered[i] for i in sorted(rendered)]
+
+        rew, results, images = averaged_rewards(
+            decode_score, [r.prompt_id for r in rollouts], [r.sample_id for r in rollouts],
+            cfg.seed, self.step, cfg.shared_decoder_seed, cfg.reward_decodes)
+        rewards = rew.tolist()
+        t_decode = time.perf_counter() - t0  # decode + reward of this rank's share, and the gathers
         for m in self.wrapped:
             m.train()
         stats = self.grpo(rollouts, rewards)
         self.step += 1
         rew = torch.tensor(rewards)
         # rewards are per replica: gather global statistics over DP. Per reward: the sum and count of its
-        # values, its failures and, of those, the rows lacking a field it reads.
-        names = list(result.components)
+        # values, its failures and, of those, the rows lacking a field it reads (over all decodes).
+        names = list(results[0].components)
         per = []
         for n in names:
-            vals = [x for x in result.components[n] if x is not None]
-            per += [sum(vals), float(len(vals)), float(len(result.failures.get(n, []))), float(result.missing_fields.get(n, 0))]
+            vals = [x for res in results for x in res.components[n] if x is not None]
+            per += [sum(vals), float(len(vals)), float(sum(len(res.failures.get(n, [])) for res in results)),
+                    float(sum(res.missing_fields.get(n, 0) for res in results))]
         sums = torch.tensor([rew.sum().item(), float(len(rew)), *per])
         torch.distributed.all_reduce(sums, group=self.pg.dp)
         mx = torch.tensor([rew.max().item(), -rew.min().item()])
@@ -284,6 +298,8 @@ class GRPOTrainer:
             **comps, "reward/failures": sum(comps[f"reward/{n}_failures"] for n in names),
             "grpo/loss": stats["loss"], "grpo/kl": stats["kl"], "grpo/clip_fraction": stats["clip_fraction"],
             "grpo/entropy": stats["entropy"], "grpo/response_length": stats["response_length"],
+            "grpo/dropped_group_share": stats["dropped_group_share"], "grpo/dropped_groups": stats["dropped_groups"],
+            "grpo/skipped_updates": stats["skipped_updates"],
             "time/rollout": t_rollout, "time/decode_and_reward": t_decode,
             "time/logprob": times.get("reference", 0.0) + times.get("prepare", 0.0), "time/update": times.get("update", 0.0),
             "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
@@ -300,7 +316,7 @@ class GRPOTrainer:
                 self.logger.log_step(self.step, out, [
                     f"reward {out['reward/mean']:.3f} (min {out['reward/min']:.2f}, max {out['reward/max']:.2f})",
                     f"kl {out['grpo/kl']:.4f}", f"clip {out['grpo/clip_fraction']:.3f}",
-                    f"entropy {out['grpo/entropy']:.3f}",
+                    f"entropy {out['grpo/entropy']:.3f}", f"dropped {out['grpo/dropped_group_share']:.0%} of groups",
                     f"rollout {out['time/rollout']:.1f}s decode+reward {out['time/decode_and_reward']:.1f}s "
                     f"update {out['time/update']:.1f}s",
                     f"{out['perf/rollout_tokens_per_s']:.0f} rollout tok/s"])

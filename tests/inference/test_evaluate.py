@@ -17,12 +17,16 @@ SKILLS = "counting,colors,position"
 N_IMG, SEED, STEPS = 3, 5, 1
 
 
-def _evaluate(rank, world, bundle, out):
+def _evaluate(rank, world, bundle, out, *extra):
     from megatron_xomni import cli
 
     return cli.main(["evaluate", "--benchmark", "world", "--bundle", str(bundle), "--per-skill", "1",
                      "--skills", SKILLS, "--images-per-prompt", str(N_IMG), "--size", "64x64", "--seed", str(SEED),
-                     "--decoder-steps", str(STEPS), "--batch-size", "2", "--no-progress", "--out", str(out)])
+                     "--decoder-steps", str(STEPS), "--batch-size", "2", "--no-progress", "--out", str(out), *extra])
+
+
+def _evaluate_both(rank, world, bundle, one, four):
+    return _evaluate(rank, world, bundle, one), _evaluate(rank, world, bundle, four, "--decoder-seeds", "4")
 
 
 def _ceiling_by_hand(rank, world, bundle, prompts, seeds):
@@ -97,3 +101,36 @@ def test_skills_belong_to_the_world_benchmark(bundle, tmp_path, capsys, no_loadi
     rc = cli.main(["evaluate", "--benchmark", "geneval", "--prompts", str(src), "--skills", "colors",
                    "--bundle", str(bundle), "--out", str(tmp_path / "o")])
     assert rc == 2 and "--skills selects world skills" in capsys.readouterr().err
+
+
+def test_decoder_seeds_add_the_noise_floor_and_the_honest_best_of_n(bundle, tmp_path):
+    from megatron_xomni.world.detector import score_image
+
+    one, four = tmp_path / "k1", tmp_path / "k4"
+    assert run_ranks(_evaluate_both, 1, bundle, one, four) == [(0, 0)]
+    r1, r4 = (json.loads((d / "eval.json").read_text()) for d in (one, four))
+    # decode 0 is the K = 1 evaluation, image for image
+    for i in range(3):
+        for j in range(N_IMG):
+            a, b = (np.asarray(Image.open(d / "images" / f"{i:04d}_{j}.png")) for d in (one, four))
+            np.testing.assert_array_equal(a, b)
+    assert r4["mean_reward"] == r1["mean_reward"] and r4["best_of_n_reward"] == r1["best_of_n_reward"]
+    tables = np.asarray(r4["decode_rewards"])  # [decode, prompt, sample]
+    assert tables.shape == (4, 3, N_IMG) and r4["decoder_seeds"] == 4
+    from megatron_xomni.evaluation.world_bench import world_benchmark_prompts
+
+    prompts = world_benchmark_prompts(n_per_skill=1, height=64, width=64, skills=SKILLS.split(","))
+    for i, p in enumerate(prompts):
+        for j in range(N_IMG):
+            im = Image.open(four / "images" / f"{i:04d}_{j}.png").convert("RGB")
+            assert tables[0, i, j] == score_image(im, p.meta)["fraction"]
+    # figures recomputed here from the table: pick on decode 0, score by decodes 1-3; ANOVA over decodes
+    pick = tables[0].argmax(axis=1)
+    fresh = tables[1:].mean(axis=0)
+    assert r4["honest_best_of_n_reward"] == pytest.approx(np.mean(fresh[np.arange(3), pick]), abs=1e-12)
+    r = tables.transpose(1, 2, 0)
+    nf = r4["noise_floor"]
+    assert nf["within_decoder"] == pytest.approx(np.mean([[np.var(r[i, j]) for j in range(N_IMG)] for i in range(3)]))
+    assert nf["within_tokens"] + nf["within_decoder"] == pytest.approx(nf["within_total"], abs=1e-12)
+    assert nf["shared_seed_decodes"] == 3
+    assert r4["mean_reward_all_decodes"] == pytest.approx(tables.mean(), abs=1e-12)

@@ -48,20 +48,24 @@ def _metrics(path):
 
 
 def test_grpo_runs_logs_every_phase_and_resumes_exactly(artifacts):
-    full = run_trainer(2, "tiny_grpo", _ov(artifacts, "full", "steps=3"), artifacts)
+    # The random tiny decoder renders near-constant images, so most groups have zero reward variance:
+    # dropping is off here so that every step trains (tests/rl/test_zero_variance_groups.py covers it).
+    keep = "grpo.drop_zero_variance_groups=false"
+    full = run_trainer(2, "tiny_grpo", _ov(artifacts, "full", "steps=3", keep), artifacts)
     assert full.returncode == 0, full.stderr[-3000:]
     ref = _metrics(artifacts / "full" / "metrics.jsonl")
     assert sorted(ref) == [1, 2, 3]
     for key in ["reward_mean", "reward_min", "reward_max", "reward_world_alignment", "grpo_kl", "grpo_clip_fraction",
                 "grpo_entropy", "grpo_response_length", "time_rollout", "time_decode_and_reward", "time_logprob",
-                "time_update", "perf_rollout_tokens_per_s"]:
+                "time_update", "perf_rollout_tokens_per_s", "grpo_dropped_group_share", "grpo_dropped_groups"]:
         assert key in ref[3], key
     assert ref[1]["grpo_kl"] == pytest.approx(0.0, abs=1e-7)  # on-policy first step: policy == reference
     assert ref[3]["grpo_response_length"] == 16  # 4x4 sampled codes (<EOM> is forced, not sampled)
 
-    part = run_trainer(2, "tiny_grpo", _ov(artifacts, "split", "steps=2"), artifacts)
+    assert all(ref[i]["grpo_dropped_group_share"] == 0.0 for i in ref)
+    part = run_trainer(2, "tiny_grpo", _ov(artifacts, "split", "steps=2", keep), artifacts)
     assert part.returncode == 0, part.stderr[-3000:]
-    rest = run_trainer(2, "tiny_grpo", _ov(artifacts, "split", "steps=3"), artifacts)
+    rest = run_trainer(2, "tiny_grpo", _ov(artifacts, "split", "steps=3", keep), artifacts)
     assert rest.returncode == 0 and "resumed from" in rest.stdout, rest.stderr[-3000:]
     got = _metrics(artifacts / "split" / "metrics.jsonl")
     for key in ["reward_mean", "grpo_loss", "grpo_kl", "grpo_entropy"]:
@@ -103,6 +107,10 @@ def test_grpo_trains_two_steps_from_a_jsonl_prompt_file_with_world_and_ocr_rewar
         assert rec["reward_ocr_text_missing_fields"] == want["ocr_text"]
         assert rec["reward_failures"] == want["world_alignment"] + want["ocr_text"]
         assert 0.0 <= rec["reward_ocr_text"] <= 1.0 and 0.0 <= rec["reward_world_alignment"] <= 1.0
+        # dropping is on (the default): a step whose rewards are all equal trains nothing
+        assert 0.0 <= rec["grpo_dropped_group_share"] <= 1.0
+        if rec["reward_min"] == rec["reward_max"]:
+            assert rec["grpo_dropped_group_share"] == 1.0 and rec["grpo_skipped_updates"] == 1
     cfg = json.loads((artifacts / "jsonl" / "run_config.json").read_text())
     assert cfg["prompts"]["source"] == str(path)
 

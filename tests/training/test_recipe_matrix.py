@@ -106,6 +106,8 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
         cfg.image_height = cfg.image_width = 64
         cfg.prompts_per_step, cfg.group_size, cfg.grpo.micro_batch_size = 2, 4, 4
         cfg.decoder_steps, cfg.rewards, cfg.reward_args, cfg.optim.lr = 2, {"world_alignment": 1.0}, {}, 1e-3
+        # the random tiny decoder gives most groups equal rewards: keep them, so that every step trains
+        cfg.grpo.drop_zero_variance_groups = False
         if not cfg.prompts.is_world:  # a recipe's prompt file: world prompts written as JSONL (world_prompts.jsonl)
             cfg.prompts.source = str(root / "world_prompts.jsonl")
         world = 2 * p.tensor_parallel * p.pipeline_parallel  # DP 2
