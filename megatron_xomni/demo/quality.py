@@ -75,12 +75,13 @@ def ceiling(ctx: DemoContext) -> dict:
     from megatron_xomni.inference.ceiling import rendering_ceiling
     from megatron_xomni.models.flux_decoder.model import XOmniDecoder, build_decoder
     from megatron_xomni.models.siglip_vq.model import SiglipVQTokenizer
-    from megatron_xomni.world import held_out_prompts
+    from megatron_xomni.data.world_source import WorldPromptSource
 
     cfg = ctx.cfg
     tok = SiglipVQTokenizer.from_pretrained(image_tokenizer_path(ctx)).eval()
-    prompts = held_out_prompts(cfg.eval_per_skill * len(CEILING_SKILLS), seed=12345, height=cfg.image_size,
-                               width=cfg.image_size, skills=list(CEILING_SKILLS))
+    held_out = WorldPromptSource("heldout", seed=12345, skills=CEILING_SKILLS, height=cfg.image_size,
+                                 width=cfg.image_size)
+    prompts = [held_out.sample(i) for i in range(cfg.eval_per_skill * len(CEILING_SKILLS))]
     trained = XOmniDecoder.from_pretrained(decoder_path(ctx)).eval()
     got = rendering_ceiling(tok, trained, prompts, seeds=cfg.ceiling_seeds, steps=cfg.decoder_sample_steps,
                             base_seed=cfg.seed + 2024)

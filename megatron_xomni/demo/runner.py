@@ -47,7 +47,7 @@ class DemoConfig:
     """SFT steps."""
     decoder_steps: int = 2400
     """Diffusion decoder training steps."""
-    vae_fit_steps: int = 150
+    vae_fit_steps: int = 1500
     """Reconstruction steps of the tiny VAE before decoder training."""
     decoder_sample_steps: int = 8
     """Euler steps when decoding images."""
@@ -67,7 +67,7 @@ class DemoConfig:
     @classmethod
     def smoke(cls, out: str) -> "DemoConfig":
         return cls(out=out, corpus_samples=600, contrastive_steps=10, tokenizer_steps=60, probe_train=300, probe_test=60,
-                   ceiling_seeds=2, pt_iters=20, sft_iters=10, decoder_steps=60, vae_fit_steps=20,
+                   ceiling_seeds=2, pt_iters=20, sft_iters=10, decoder_steps=60, vae_fit_steps=100,
                    grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2)
 
 

@@ -6,7 +6,7 @@ fraction of the prompt's checks that pass: the RL reward). No policy can score a
 its images go through the same decoder. K > 1 also measures the decoder's own noise: the share of the
 reward variance that is between seeds of the same codes.
 
-    rendering_ceiling(tok, decoder, held_out_prompts(48, skills=[...]), seeds=4, steps=8)
+    rendering_ceiling(tok, decoder, [WorldPromptSource("heldout", 12345, skills).sample(i) for i in range(48)])
 """
 from __future__ import annotations
 
@@ -46,15 +46,17 @@ def rendering_ceiling(tokenizer, decoder, prompts: Sequence, seeds: int = 4, ste
     Returns {"ceiling": mean partial credit, "per_skill": {skill: mean}, "all_or_nothing": share of
     renders passing every check, "seed_variance_share": mean within-codes variance / total variance,
     "rewards": [prompt][seed], "num_prompts", "seeds"}."""
-    from megatron_xomni.world.detector import score_image
+    from megatron_xomni.rewards.world_alignment import WorldAlignmentReward
 
+    reward = WorldAlignmentReward("fraction")
     prompts = list(prompts)
     codes = tokenizer.eval().encode(pil_to_pixels([p.image for p in prompts]))
     rewards = np.zeros((len(prompts), seeds))
     for k in range(seeds):
         draw = [base_seed * 7919 + i + 100_003 * k for i in range(len(prompts))]
-        for i, (im, p) in enumerate(zip(render_codes(tokenizer, decoder, codes, draw, steps), prompts)):
-            rewards[i, k] = float(score_image(im, p.meta)["fraction"] or 0.0)
+        scores = reward([p.caption for p in prompts], render_codes(tokenizer, decoder, codes, draw, steps),
+                        [p.meta for p in prompts])
+        rewards[:, k] = [0.0 if v is None else v for v in scores]
     skills = [p.meta["skill"] for p in prompts]
     per_skill = {s: float(rewards[[i for i, t in enumerate(skills) if t == s]].mean()) for s in dict.fromkeys(skills)}
     total = rewards.var()

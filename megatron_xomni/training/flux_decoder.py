@@ -101,6 +101,8 @@ class DecoderRunConfig(RunSection):
     """Tiny preset without init_from: fit the (random) tiny VAE on training crops for this many steps
     before training, so latents mean something; the fitted decoder is saved to <save_dir>/init and
     reused on resume. 0 keeps the VAE as built (FLUX's VAE is used as released)."""
+    vae_fit_lr: float = 2e-3
+    """Adam learning rate of that VAE fit."""
 
     def validate(self, world_size: int = 1) -> None:
         """Types and sizes (no paths, no process groups)."""
@@ -111,6 +113,7 @@ class DecoderRunConfig(RunSection):
         self.schedule.validate(self.steps)
         check_numbers({"batch_size": self.batch_size, "image_size": self.image_size, "sample_steps": self.sample_steps}, 1)
         check_numbers({"sample_every": self.sample_every, "vae_fit_steps": self.vae_fit_steps}, 0)
+        check_numbers({"vae_fit_lr": self.vae_fit_lr}, 0, integer=False)
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by the {world_size} data-parallel ranks")
         if self.variant not in ("text", "image"):
@@ -277,7 +280,7 @@ def load_init(cfg: DecoderRunConfig, tokenizer=None) -> XOmniDecoder:
                 y, x = torch.randint(0, cfg.image_size - 32 + 1, (2,), generator=g).tolist()
                 yield pixels[idx][:, :, y:y + 32, x:x + 32]
 
-        fit_vae(decoder, crops(), cfg.vae_fit_steps)
+        fit_vae(decoder, crops(), cfg.vae_fit_steps, lr=cfg.vae_fit_lr)
         if int(os.environ.get("RANK", "0")) == 0:  # every rank fits identically (seeded); one saves
             decoder.save_pretrained(init_dir)
     return decoder

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_xomni.data.corpus_source import pil_to_pixels
+from megatron_xomni.data.world_source import world_image_labels, world_probe_samples, world_token_colours
 
 SHAPE_SKILLS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 
@@ -51,53 +52,6 @@ def logistic_probe(x_train, y_train, x_test, y_test, l2: float = 1e-3, iters: in
         return float(((xte @ w + b).argmax(1) == yte).float().mean())
 
 
-def token_colour_labels(samples, patch: int) -> np.ndarray:
-    """[N, tokens]: colour index of the object covering >= 30 % of a token's pixels, -1 for mixed tokens,
-    -2 for background tokens (< 2 % of pixels away from the background colour)."""
-    from megatron_xomni.world.vocab import COLORS
-
-    out = []
-    for s in samples:
-        arr = np.asarray(s.image, dtype=np.float32)
-        h, w = arr.shape[:2]
-        fg = np.linalg.norm(arr - np.array(s.meta["background"], dtype=np.float32), axis=2) > 60
-        owner = np.full(fg.shape, -1)
-        for j, o in enumerate(s.meta["objects"]):
-            x0, y0, x1, y1 = o["box"]
-            owner[y0:y1, x0:x1] = j
-        row = []
-        for r in range(h // patch):
-            for c in range(w // patch):
-                sl = (slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
-                f = fg[sl]
-                if f.mean() < 0.02:
-                    row.append(-2)
-                    continue
-                own = owner[sl][f]
-                best = [j for j in set(own.tolist()) if j >= 0 and (own == j).sum() >= 0.3 * patch * patch]
-                row.append(COLORS.index(s.meta["objects"][best[-1]]["color"]) if best else -1)
-        out.append(row)
-    return np.array(out, dtype=np.int64)
-
-
-def image_labels(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shape, count, position) per image, -1 where the label does not apply."""
-    from megatron_xomni.world.vocab import SHAPES
-
-    shape, count, pos = [], [], []
-    for s in samples:
-        objs = s.meta["objects"]
-        shape.append(SHAPES.index(objs[0]["shape"]) if len(objs) == 1 else -1)
-        count.append(len(objs) - 1 if s.meta["skill"] == "counting" else -1)
-        if len(objs) == 1:
-            x0, y0, x1, y1 = objs[0]["box"]
-            cx, cy = (x0 + x1) / 2 / s.meta["width"], (y0 + y1) / 2 / s.meta["height"]
-            pos.append(min(int(cy * 3), 2) * 3 + min(int(cx * 3), 2))
-        else:
-            pos.append(-1)
-    return np.array(shape), np.array(count), np.array(pos)
-
-
 def usage(codes: torch.Tensor, codebook_size: int) -> dict:
     """Fraction of the codebook used, perplexity exp(H) of the code histogram, distinct codes."""
     counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()
@@ -126,21 +80,17 @@ def _labelled(x: torch.Tensor, y: np.ndarray):
 def probe_report(tok, image_size: int = 64, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
     """Linear probes (colour, shape, count, position) and code usage of a tokenizer on the world's
     detector-scored skills; train images from the training stream, test images held out."""
-    from megatron_xomni.world import held_out_prompts, sample_world
-
     was = tok.training
     tok.eval()
-    train = [sample_world(i, seed=seed, height=image_size, width=image_size, skill=SHAPE_SKILLS[i % 6])
-             for i in range(n_train)]
-    test = held_out_prompts(n_test, seed=777, height=image_size, width=image_size, skills=list(SHAPE_SKILLS))
+    train, test = world_probe_samples(n_train, n_test, image_size, seed, SHAPE_SKILLS)
     ftr, _ = _features(tok, train)
     fte, cte = _features(tok, test)
     patch = int(tok.cfg.patch_size)
-    ctr_lab, cte_lab = token_colour_labels(train, patch), token_colour_labels(test, patch)
+    ctr_lab, cte_lab = world_token_colours(train, patch), world_token_colours(test, patch)
     with torch.enable_grad():
         out = {"colour": logistic_probe(*_labelled(ftr.reshape(-1, ftr.shape[-1]), ctr_lab.reshape(-1)),
                                         *_labelled(fte.reshape(-1, fte.shape[-1]), cte_lab.reshape(-1)))}
-        for name, ytr, yte, pooled in zip(("shape", "count", "position"), image_labels(train), image_labels(test),
+        for name, ytr, yte, pooled in zip(("shape", "count", "position"), world_image_labels(train), world_image_labels(test),
                                           (True, True, False)):
             xtr, xte = (ftr.mean(1), fte.mean(1)) if pooled else (ftr.flatten(1), fte.flatten(1))
             out[name] = logistic_probe(*_labelled(xtr, ytr), *_labelled(xte, yte), l2=1e-3 if pooled else 1e-2)

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import torch
 
-from megatron_xomni.training.tokenizer_health import (caption_gap_pct, image_labels, logistic_probe,
-                                                      token_colour_labels, usage)
+from megatron_xomni.data.world_source import world_image_labels as image_labels
+from megatron_xomni.data.world_source import world_token_colours as token_colour_labels
+from megatron_xomni.training.tokenizer_health import caption_gap_pct, logistic_probe, usage
 
 
 def test_usage_and_perplexity_match_the_histogram():
