@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from megatron_xomni.training.optim import OptimConfig
 from megatron_xomni.training.preemption import PreemptionSignal, end_of_step
 from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, RunSection
 from megatron_xomni.training.schedule import ScheduleConfig
-from megatron_xomni.training.siglip_vq_trainer import _device, _flat, _rank0, log0
+from megatron_xomni.training.siglip_vq_trainer import _device, _flat, _rank0, changed_settings, log0, publish, run_stage
 
 FIXED_SECTIONS = ("model", "data", "seed")
 
@@ -231,10 +230,9 @@ class ContrastiveTrainer:
              f"{t.patch_size})")
 
     def _check_resume(self, path: Path) -> None:
-        saved = self.ckpt.saved_run_config() or {}
-        now = self.cfg.to_dict()
-        old, new = _flat({k: saved.get(k) for k in FIXED_SECTIONS}), _flat({k: now[k] for k in FIXED_SECTIONS})
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        saved, now = self.ckpt.saved_run_config() or {}, self.cfg.to_dict()
+        changed = changed_settings(saved, now, FIXED_SECTIONS)
+        old, new = _flat(saved), _flat(now)
         if changed:
             k = changed[0]
             raise InputError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, not {new.get(k)!r}: resume "
@@ -324,19 +322,12 @@ class ContrastiveTrainer:
 
     def export(self, eval_after: dict | None) -> Path:
         """<save_dir>/export/{tokenizer, summary.json}, written to export.tmp and renamed."""
-        out = self.cfg.export_dir
-        if self.rank == 0:
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        def write(tmp: Path) -> None:
             self.tok.save_pretrained(tmp / "tokenizer")
             summary = {"steps": self.step, "eval_before": self.eval_before, "eval_after": eval_after}
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-            log0(f"[{self.cfg.name}] exported {out}/tokenizer")
-        dist.barrier()
-        return out
+
+        return publish(self.cfg.export_dir, write, "tokenizer/ (trained ViT, fresh quantizer and adapter)")
 
     def close(self) -> None:
         if hasattr(self, "logger"):
@@ -345,12 +336,4 @@ class ContrastiveTrainer:
 
 def train_siglip_contrastive(cfg: SiglipContrastiveRunConfig) -> int:
     """Run a contrastive recipe; returns the exit code (0 done, 3 preempted and saved)."""
-    from megatron_xomni.parallel import destroy_parallel
-
-    trainer = ContrastiveTrainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.close()
-        destroy_parallel()
+    return run_stage(ContrastiveTrainer(cfg))

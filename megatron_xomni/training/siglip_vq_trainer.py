@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,39 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def changed_settings(saved: dict, now: dict, sections) -> list[str]:
+    """Flattened keys of `sections` whose saved value differs from the current one (resume guard)."""
+    old, new = _flat({k: saved.get(k) for k in sections}), _flat({k: now[k] for k in sections})
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def publish(out: Path, write: Callable[[Path], None], what: str) -> Path:
+    """Rank 0 lets `write` fill <out>.tmp, then renames it to `out` (a present folder is a complete one);
+    every rank waits for it."""
+    if _rank0():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log0(f"exported {out}: {what}")
+    dist.barrier()
+    return out
+
+
+def run_stage(trainer) -> int:
+    """setup() + run() of a tokenizer-side trainer, closing its logger and the process groups."""
+    from megatron_xomni.parallel import destroy_parallel
+
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+        destroy_parallel()
 
 
 class SiglipVQTrainer:
@@ -198,10 +232,9 @@ class SiglipVQTrainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def _check_resume(self, path: Path) -> None:
         """Refuse a resume whose model, teacher or data settings differ (no process group yet)."""
-        saved = self.ckpt.saved_run_config() or {}
-        now = self.cfg.to_dict()
-        old, new = _flat({k: saved.get(k) for k in FIXED_SECTIONS}), _flat({k: now[k] for k in FIXED_SECTIONS})
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        saved, now = self.ckpt.saved_run_config() or {}, self.cfg.to_dict()
+        changed = changed_settings(saved, now, FIXED_SECTIONS)
+        old, new = _flat(saved), _flat(now)
         if changed:
             k = changed[0]
             raise InputError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, not {new.get(k)!r} "
@@ -342,11 +375,7 @@ class SiglipVQTrainer:
     def export(self, eval_after: dict | None) -> Path:
         """<save_dir>/export: tokenizer/ (save_pretrained), projector.safetensors, summary.json; written to
         export.tmp and renamed, so a present export folder is a complete one."""
-        out = self.cfg.export_dir
-        if self.rank == 0:
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        def write(tmp: Path) -> None:
             self.trainee.tok.save_pretrained(tmp / "tokenizer")
             save_file({k: v.cpu() for k, v in _tensor_state(self.trainee.projector).items()}, str(tmp / PROJECTOR_NAME))
             summary = {"steps": self.step, "eval_before": self.eval_before, "eval_after": eval_after,
@@ -354,11 +383,8 @@ class SiglipVQTrainer:
                        else self.cfg.teacher.checkpoint,
                        "teacher_warmup_loss": [self.warmup_losses[0], self.warmup_losses[-1]] if self.warmup_losses else None}
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-            log0(f"[{self.cfg.name}] exported {out}/tokenizer and {out}/{PROJECTOR_NAME}")
-        dist.barrier()
-        return out
+
+        return publish(self.cfg.export_dir, write, f"tokenizer/ and {PROJECTOR_NAME}")
 
     def close(self) -> None:
         if hasattr(self, "logger"):
@@ -367,12 +393,4 @@ class SiglipVQTrainer:
 
 def train_siglip_vq(cfg: SiglipVQRunConfig) -> int:
     """Run a SigLIP-VQ recipe; returns the exit code (0 done, 3 preempted and saved)."""
-    from megatron_xomni.parallel import destroy_parallel
-
-    trainer = SiglipVQTrainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.close()
-        destroy_parallel()
+    return run_stage(SiglipVQTrainer(cfg))
