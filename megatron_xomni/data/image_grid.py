@@ -8,10 +8,17 @@ The patch is always the image tokenizer's (SigLIP-VQ `patch_size`); nothing else
 size. The X-Omni sequence header `<SOM>{rows} {cols}<IMAGE>` and the decoder's latent grid are both
 this grid. A size that is not a positive multiple of the patch is a one-line ValueError that names
 the nearest size that works.
+
+A consumer with a coarser token (the FLUX decoder: 16 px) reads a finer code grid through `fold`:
+
+    dgrid = grid.fold(2)                       # 8x8 codes of 8 px -> 4x4 decoder tokens of 16 px
+    feats = fold_tokens(feats, grid, 2)        # [B, 64, C] -> [B, 16, 4C]: each 2x2 block concatenated
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 def nearest_multiple(side: int, patch: int) -> int:
@@ -51,6 +58,14 @@ class ImageGrid:
             raise ValueError(f"token grid {rows}x{cols} (patch {patch}) must be positive")
         return cls(rows, cols, patch)
 
+    def fold(self, k: int) -> "ImageGrid":
+        """The grid whose tokens are k x k blocks of this one's (patch * k); ValueError unless k divides both sides."""
+        k = int(k)
+        if k < 1 or self.rows % k or self.cols % k:
+            raise ValueError(f"cannot fold the {self.rows}x{self.cols} token grid into {k}x{k} blocks: the image "
+                             f"must be a multiple of {self.patch * max(k, 1)} px")
+        return ImageGrid(self.rows // k, self.cols // k, self.patch * k)
+
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols), the shape of the codes array."""
@@ -69,3 +84,16 @@ class ImageGrid:
     def width(self) -> int:
         """Image width in pixels."""
         return self.cols * self.patch
+
+
+def fold_tokens(tokens: torch.Tensor, grid: ImageGrid, k: int) -> torch.Tensor:
+    """[B, rows*cols, C] raster-order tokens of `grid` -> [B, (rows/k)*(cols/k), k*k*C] on grid.fold(k):
+    each k x k block's features concatenated in raster order within the block (k = 1: unchanged)."""
+    coarse = grid.fold(k)
+    if k == 1:
+        return tokens
+    b, n, c = tokens.shape
+    if n != grid.num_tokens:
+        raise ValueError(f"{n} tokens do not fill the {grid.rows}x{grid.cols} grid")
+    x = tokens.reshape(b, coarse.rows, k, coarse.cols, k, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, coarse.num_tokens, k * k * c)

@@ -146,3 +146,65 @@ def write_world_corpus(
             yield s.image, s.caption, meta
 
     return write_corpus(records(), out_dir, samples_per_shard=samples_per_shard, **writer_kwargs)
+
+
+def world_probe_samples(n_train: int, n_test: int, size: int = 64, seed: int = 0,
+                        skills: Sequence[str] = ("single_object", "two_objects", "counting", "colors", "position",
+                                                 "color_attr")):
+    """(train, test) WorldSamples for linear probes of a tokenizer: train from the training stream,
+    test held out (seed 777), skills cycling."""
+    train = WorldPromptSource("train", seed=seed, skills=skills, height=size, width=size)
+    test = WorldPromptSource("heldout", seed=777, skills=skills, height=size, width=size)
+    return [train.sample(i) for i in range(n_train)], [test.sample(i) for i in range(n_test)]
+
+
+def world_token_colours(samples, patch: int):
+    """[N, tokens] int array: colour index of the object covering >= 30 % of a token's pixels, -1 for
+    mixed tokens, -2 for background tokens (< 2 % of pixels away from the background colour)."""
+    import numpy as np
+
+    from megatron_xomni.world.vocab import COLORS
+
+    out = []
+    for s in samples:
+        arr = np.asarray(s.image, dtype=np.float32)
+        h, w = arr.shape[:2]
+        fg = np.linalg.norm(arr - np.array(s.meta["background"], dtype=np.float32), axis=2) > 60
+        owner = np.full(fg.shape, -1)
+        for j, o in enumerate(s.meta["objects"]):
+            x0, y0, x1, y1 = o["box"]
+            owner[y0:y1, x0:x1] = j
+        row = []
+        for r in range(h // patch):
+            for c in range(w // patch):
+                sl = (slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
+                f = fg[sl]
+                if f.mean() < 0.02:
+                    row.append(-2)
+                    continue
+                own = owner[sl][f]
+                best = [j for j in set(own.tolist()) if j >= 0 and (own == j).sum() >= 0.3 * patch * patch]
+                row.append(COLORS.index(s.meta["objects"][best[-1]]["color"]) if best else -1)
+        out.append(row)
+    return np.array(out, dtype=np.int64)
+
+
+def world_image_labels(samples):
+    """(shape, count, position) int arrays per image, -1 where the label does not apply: shape of a
+    single object, object count of the counting skill, 3x3 cell of a single object's centre."""
+    import numpy as np
+
+    from megatron_xomni.world.vocab import SHAPES
+
+    shape, count, pos = [], [], []
+    for s in samples:
+        objs = s.meta["objects"]
+        shape.append(SHAPES.index(objs[0]["shape"]) if len(objs) == 1 else -1)
+        count.append(len(objs) - 1 if s.meta["skill"] == "counting" else -1)
+        if len(objs) == 1:
+            x0, y0, x1, y1 = objs[0]["box"]
+            cx, cy = (x0 + x1) / 2 / s.meta["width"], (y0 + y1) / 2 / s.meta["height"]
+            pos.append(min(int(cy * 3), 2) * 3 + min(int(cx * 3), 2))
+        else:
+            pos.append(-1)
+    return np.array(shape), np.array(count), np.array(pos)

@@ -17,15 +17,19 @@ BUDGET_SECONDS = 15 * 60
 
 
 def ceiling_figures(ctx, sft: dict) -> dict:
-    """HOOK for the tokenizer/decoder quality work: {"ceiling": partial credit of the ground-truth
-    codes rendered by the frozen decoder, "per_skill": {skill: ...}}.
+    """{"ceiling": partial credit of ground-truth codes rendered by the frozen decoder, "per_skill": ...}.
 
-    The default reads what the SFT evaluation measured (ground-truth images -> frozen tokenizer ->
-    decoder -> detector); replace this function's body with the quality helper's ceiling function
-    to report its number instead.
+    The demo's ceiling stage (demo/quality.py: K decoder seeds per image, next to the untrained
+    decoder's) when it ran; otherwise what the SFT evaluation measured on its own prompts
+    (ground-truth images -> frozen tokenizer -> decoder -> detector).
     """
+    done = Path(ctx.out) / "ceiling" / "DONE.json"
+    if done.exists():
+        c = json.loads(done.read_text())
+        return {"ceiling": c["ceiling"], "per_skill": c.get("per_skill", {}),
+                "untrained": c.get("untrained_ceiling"), "source": "ceiling stage"}
     return {"ceiling": sft.get("ground_truth_codes_reward", float("nan")),
-            "per_skill": sft.get("ground_truth_codes_reward_per_skill", {})}
+            "per_skill": sft.get("ground_truth_codes_reward_per_skill", {}), "source": "SFT evaluation"}
 
 
 def _mean(e: dict) -> float:

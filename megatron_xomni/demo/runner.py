@@ -29,18 +29,25 @@ class DemoConfig:
     seed: int = 0
     """Seed of data generation and every stage."""
     image_size: int = 64
-    """Pixels per side (64 px = 4x4 = 16 image tokens with patch 16)."""
+    """Pixels per side (64 px = 8x8 = 64 image tokens with the tiny tokenizer's patch 8)."""
     corpus_samples: int = 6000
     """Built-in world images in the training corpus."""
-    tokenizer_steps: int = 600
+    contrastive_steps: int = 300
+    """SigLIP contrastive pre-training steps of the tokenizer's ViT (128 images each)."""
+    tokenizer_steps: int = 1000
     """LLaVA-style image tokenizer training steps."""
+    probe_train: int = 1500
+    """World images the tokenizer-health linear probes are fitted on (held-out test: probe_test)."""
+    probe_test: int = 300
+    ceiling_seeds: int = 4
+    """Decoder seeds per held-out prompt in the rendering ceiling (eval_per_skill prompts per skill)."""
     pt_iters: int = 600
     """Pre-training steps of the AR model."""
     sft_iters: int = 150
     """SFT steps."""
-    decoder_steps: int = 1200
+    decoder_steps: int = 2400
     """Diffusion decoder training steps."""
-    vae_fit_steps: int = 150
+    vae_fit_steps: int = 1500
     """Reconstruction steps of the tiny VAE before decoder training."""
     decoder_sample_steps: int = 8
     """Euler steps when decoding images."""
@@ -69,7 +76,8 @@ class DemoConfig:
 
     @classmethod
     def smoke(cls, out: str) -> "DemoConfig":
-        return cls(out=out, corpus_samples=600, tokenizer_steps=20, pt_iters=20, sft_iters=10, decoder_steps=20, vae_fit_steps=5,
+        return cls(out=out, corpus_samples=600, contrastive_steps=10, tokenizer_steps=60, probe_train=300, probe_test=60,
+                   ceiling_seeds=2, pt_iters=20, sft_iters=10, decoder_steps=60, vae_fit_steps=100,
                    grpo_steps=2, grpo_prompts=2, grpo_group=4, eval_per_skill=1, eval_samples=2, eval_decoder_seeds=2)
 
 

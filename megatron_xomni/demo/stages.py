@@ -45,12 +45,17 @@ def text_tokenizer(ctx: DemoContext) -> dict:
 
 
 def image_tokenizer(ctx: DemoContext) -> dict:
+    from megatron_xomni.demo.quality import contrastive_path
+
     cfg = ctx.cfg
     save = ctx.dir("image_tokenizer") / "run"
+    steps = cfg.tokenizer_steps
     # A frozen random LLM is a weak teacher: it is warmed up on world captions first (the recipe's rule).
+    # The ViT starts from the contrastive stage (X-Omni starts from a pretrained SigLIP2).
     ctx.torchrun("tiny_siglip_vq", [
         f"data.corpus={ctx.out / 'corpus' / 'train'}", f"data.text_tokenizer={text_tokenizer_path(ctx)}",
-        f"save_dir={save}", f"steps={cfg.tokenizer_steps}", f"teacher.warmup_steps={max(cfg.tokenizer_steps // 2, 1)}",
+        f"save_dir={save}", f"steps={steps}", f"teacher.warmup_steps={max(min(300, steps // 2), 1)}",
+        f"tokenizer.init_from={contrastive_path(ctx)}", f"codebook.reseed_until={int(0.8 * steps)}",
         f"seed={cfg.seed}", "eval.world_samples=32", f"eval.image_size={cfg.image_size}",
         f"save_interval={max(cfg.tokenizer_steps // 4, 1)}", f"log_interval={max(cfg.tokenizer_steps // 20, 1)}",
         f"schedule.warmup_steps={min(20, cfg.tokenizer_steps - 1)}"], "image_tokenizer")
@@ -211,5 +216,7 @@ def decoder(ctx: DemoContext) -> dict:
     return {"export": decoder_path(ctx)}
 
 
-ALL = ["corpus", "text_tokenizer", "image_tokenizer", "tokenize", "pretrain", "sft", "decoder",
-       "eval_sft", "grpo", "eval_grpo", "report"]
+from megatron_xomni.demo.quality import ceiling, contrastive, tokenizer_health  # noqa: E402 (stages of ALL)
+
+ALL = ["corpus", "text_tokenizer", "contrastive", "image_tokenizer", "tokenizer_health", "tokenize", "pretrain",
+       "sft", "decoder", "ceiling", "eval_sft", "grpo", "eval_grpo", "report"]

@@ -185,13 +185,14 @@ def inspect_paths(paths: PipelinePaths) -> PipelineSpec:
 
     dcfg = None
     if paths.decoder is not None:
-        from megatron_xomni.models.flux_decoder.config import check_decoder_patch
+        from megatron_xomni.models.flux_decoder.config import check_decoder_patch, decoder_adapter_dim
         from megatron_xomni.models.flux_decoder.model import check_export
 
         dcfg = check_export(paths.decoder)
-        if int(dcfg.adapter_dim) != int(icfg.adapter_dim):
-            raise ValueError(f"decoder adapter_dim={dcfg.adapter_dim} != image tokenizer adapter_dim="
-                             f"{icfg.adapter_dim}: use the decoder trained on this image tokenizer's features")
         check_decoder_patch(int(icfg.patch_size), dcfg)
+        if int(dcfg.adapter_dim) != decoder_adapter_dim(icfg.adapter_dim, icfg.patch_size):
+            raise ValueError(f"decoder adapter_dim={dcfg.adapter_dim} != image tokenizer adapter_dim="
+                             f"{icfg.adapter_dim} (patch {icfg.patch_size}): use the decoder trained on this image "
+                             "tokenizer's features")
     return PipelineSpec(paths=paths, checkpoint=ckpt, model_config=mcfg, text_tokenizer=text_tok,
                         image_config=icfg, decoder_config=dcfg)

@@ -196,9 +196,9 @@ def _preprocess_config(cfg: TokenizeRunConfig, patch_size: int):
         pp = ImagePreprocessConfig()
     else:
         raise ValueError(f"preprocess must be 'tiny' or 'xomni', got {name!r}")
-    if pp.multiple != patch_size:
-        raise ValueError(f"preprocess rounds to multiples of {pp.multiple} but the image tokenizer's patch is "
-                         f"{patch_size}; pick matching presets")
+    if pp.multiple % patch_size:  # a coarser rounding is fine (16 px sizes also suit the decoder's fold)
+        raise ValueError(f"preprocess rounds to multiples of {pp.multiple}, not a multiple of the image tokenizer's "
+                         f"patch {patch_size}; pick matching presets")
     return pp
 
 

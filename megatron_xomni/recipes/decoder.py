@@ -9,12 +9,17 @@ from megatron_xomni.training.schedule import ScheduleConfig
 
 @recipe
 def tiny_decoder() -> DecoderRunConfig:
-    """The tiny CPU decoder of the demo: a few FLUX blocks, a tiny VAE fitted first, 64 px world images."""
+    """The tiny CPU decoder of the demo: a few FLUX blocks, a tiny VAE fitted first, 64 px world images.
+
+    It renders the tiny tokenizer's 8x8 codes (patch 8) by folding each 2x2 block into its 16 px token.
+    Measured (issue 11): the VAE fit bounds what any decoder can show: 150 steps at lr 2e-3 reconstruct
+    the held-out world images to a detector reward of 0.53, 1500 steps at 5e-3 to 0.96; with the latter,
+    2400 steps at lr 2e-3, batch 16 bring the ground-truth-code ceiling to ~0.85 (0.84 at 1200)."""
     return DecoderRunConfig(
-        name="tiny_decoder", preset="tiny", variant="image", trainable="all", steps=1200, batch_size=16,
+        name="tiny_decoder", preset="tiny", variant="image", trainable="all", steps=2400, batch_size=16,
         optim=OptimConfig(lr=2e-3, min_lr=2e-3, weight_decay=0.0, clip_grad=1.0),
         schedule=ScheduleConfig(style="constant", warmup_steps=20), corpus="world", image_size=64,
-        vae_fit_steps=150, sample_steps=8, save_dir="runs/tiny/decoder", save_interval=300,
+        vae_fit_steps=1500, vae_fit_lr=5e-3, sample_steps=8, save_dir="runs/tiny/decoder", save_interval=300,
         image_tokenizer="runs/tiny/siglip_vq/export/tokenizer",
     )
 

@@ -31,9 +31,10 @@ from megatron_xomni.checkpointing import read_metadata
 from megatron_xomni.data.corpus_source import BatchShape, image_text_source, pil_to_pixels  # noqa: F401 (pil_to_pixels re-exported)
 from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.data.preprocess import ImagePreprocessConfig
-from megatron_xomni.models.flux_decoder.config import DecoderConfig, decoder_config  # noqa: F401
+from megatron_xomni.models.flux_decoder.config import (TOKEN_PIXELS, DecoderConfig, decoder_adapter_dim,  # noqa: F401
+                                                       decoder_config)
 from megatron_xomni.models.flux_decoder.model import NEW_PARAMS, XOmniDecoder, build_decoder
-from megatron_xomni.models.flux_decoder.sampling import flux_mu, make_scheduler, sample
+from megatron_xomni.models.flux_decoder.sampling import features_for_decoder, flux_mu, make_scheduler, sample
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
 from megatron_xomni.models.flux_decoder.export import export_decoder
@@ -100,6 +101,8 @@ class DecoderRunConfig(RunSection):
     """Tiny preset without init_from: fit the (random) tiny VAE on training crops for this many steps
     before training, so latents mean something; the fitted decoder is saved to <save_dir>/init and
     reused on resume. 0 keeps the VAE as built (FLUX's VAE is used as released)."""
+    vae_fit_lr: float = 2e-3
+    """Adam learning rate of that VAE fit."""
 
     def validate(self, world_size: int = 1) -> None:
         """Types and sizes (no paths, no process groups)."""
@@ -110,6 +113,7 @@ class DecoderRunConfig(RunSection):
         self.schedule.validate(self.steps)
         check_numbers({"batch_size": self.batch_size, "image_size": self.image_size, "sample_steps": self.sample_steps}, 1)
         check_numbers({"sample_every": self.sample_every, "vae_fit_steps": self.vae_fit_steps}, 0)
+        check_numbers({"vae_fit_lr": self.vae_fit_lr}, 0, integer=False)
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by the {world_size} data-parallel ranks")
         if self.variant not in ("text", "image"):
@@ -118,7 +122,7 @@ class DecoderRunConfig(RunSection):
             raise ValueError(f"trainable must be 'semantic_proj' or 'all', got {self.trainable!r}")
         if self.preprocess not in ("auto", "fixed", "xomni"):
             raise ValueError(f"preprocess={self.preprocess!r}: choose auto, fixed or xomni")
-        ImageGrid.from_pixels(self.image_size, self.image_size, 16, what="image_size")
+        ImageGrid.from_pixels(self.image_size, self.image_size, TOKEN_PIXELS, what="image_size")
         if self.vae_fit_steps and self.preset != "tiny":
             raise ValueError("vae_fit_steps is for the tiny preset; the xomni preset uses FLUX's released VAE")
 
@@ -149,8 +153,9 @@ def training_source(cfg: DecoderRunConfig):
 
 @torch.no_grad()
 def tokenizer_features(tokenizer, pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen tokenizer's condition features: decode_features(encode(pixels))."""
-    return tokenizer.decode_features(tokenizer.encode(pixels)).float()
+    """The frozen tokenizer's condition features on the decoder's grid: decode_features(encode(pixels)),
+    folded when the tokenizer's patch is finer than the 16 px decoder token (features_for_decoder)."""
+    return features_for_decoder(tokenizer, tokenizer.encode(pixels))[0].float()
 
 
 def source_batches(tokenizer, cfg: DecoderRunConfig, rank: int = 0, world_size: int = 1, start_step: int = 0,
@@ -250,13 +255,20 @@ def shard(decoder: XOmniDecoder, device: torch.device) -> None:
     fully_shard(t, **kw)
 
 
-def load_init(cfg: DecoderRunConfig) -> XOmniDecoder:
+def load_init(cfg: DecoderRunConfig, tokenizer=None) -> XOmniDecoder:
+    """The decoder to train. Built from the preset, it reads `tokenizer`'s features: its patch and
+    adapter_dim x fold^2 (decoder_overrides win)."""
     if cfg.init_from:
         return XOmniDecoder.from_pretrained(cfg.init_from, variant=cfg.variant)
     init_dir = Path(cfg.save_dir) / "init"
     if cfg.vae_fit_steps > 0 and (init_dir / "decoder_config.json").exists():  # fitted earlier: resume from it
         return XOmniDecoder.from_pretrained(init_dir, variant=cfg.variant)
-    dcfg = decoder_config(cfg.preset, cfg.variant, pretrained_path=cfg.pretrained_path, **cfg.decoder_overrides)
+    fit = {}
+    if tokenizer is not None:
+        t = tokenizer.cfg
+        fit = {"tokenizer_patch": int(t.patch_size), "adapter_dim": decoder_adapter_dim(t.adapter_dim, t.patch_size)}
+    dcfg = decoder_config(cfg.preset, cfg.variant, pretrained_path=cfg.pretrained_path,
+                          **{**fit, **cfg.decoder_overrides})
     decoder = build_decoder(dcfg, seed=cfg.seed)
     if cfg.vae_fit_steps > 0:
         pixels = training_source(cfg).gather(range(512), BatchShape.fixed(cfg.image_size))["pixels"]
@@ -268,7 +280,7 @@ def load_init(cfg: DecoderRunConfig) -> XOmniDecoder:
                 y, x = torch.randint(0, cfg.image_size - 32 + 1, (2,), generator=g).tolist()
                 yield pixels[idx][:, :, y:y + 32, x:x + 32]
 
-        fit_vae(decoder, crops(), cfg.vae_fit_steps)
+        fit_vae(decoder, crops(), cfg.vae_fit_steps, lr=cfg.vae_fit_lr)
         if int(os.environ.get("RANK", "0")) == 0:  # every rank fits identically (seeded); one saves
             decoder.save_pretrained(init_dir)
     return decoder
@@ -289,7 +301,7 @@ def train(cfg: DecoderRunConfig, tokenizer=None, data: Iterable[dict] | None = N
     rank, world, device = init_distributed()
     cfg.validate(world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    decoder = load_init(cfg)
+    decoder = load_init(cfg, tokenizer)
     decoder.to(device)
     if device.type == "cuda":  # frozen parts run in bf16 too; trainable weights stay fp32 masters
         decoder.vae.to(dtype)

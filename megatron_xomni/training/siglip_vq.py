@@ -54,15 +54,19 @@ def make_projector(kind: str, in_dim: int, hidden: int) -> nn.Module:
 
 
 class TokenizerWithProjector(nn.Module):
-    """The trainable part: tokenizer + projector, one module so DDP syncs both."""
+    """The trainable part: tokenizer + projector (+ the tiny preset's optional pixel head), one module so
+    DDP syncs all of them. With a pixel head, aux["pixels"] is its reconstruction from the adapter features."""
 
-    def __init__(self, tok: SiglipVQTokenizer, projector: nn.Module) -> None:
+    def __init__(self, tok: SiglipVQTokenizer, projector: nn.Module, pixel_head: nn.Module | None = None) -> None:
         super().__init__()
         self.tok = tok
         self.projector = projector
+        self.pixel_head = pixel_head
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         feats, aux = self.tok(pixels)
+        if self.pixel_head is not None:
+            aux["pixels"] = self.pixel_head(feats, aux["grid"])
         return self.projector(feats), aux
 
 

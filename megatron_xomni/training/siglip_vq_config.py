@@ -94,6 +94,20 @@ class CodebookSection:
 
 
 @dataclass
+class TinyAuxSection:
+    """Auxiliary terms measured to help the *tiny* preset (not X-Omni's recipe; see training/siglip_vq_aux.py).
+    All off by default: the caption loss alone is X-Omni's."""
+
+    pixel_weight: float = 0.0
+    """Weight of a pixel-regression head on the adapter features (0: no head)."""
+    object_alpha: float = 0.0
+    """Token weight of that pixel loss: 1 + object_alpha * (the token's foreground fraction)."""
+    encoder_lr_mult: float = 1.0
+    """The ViT's learning rate as a multiple of optim.lr (a pre-trained encoder may train slower; 0 is
+    tokenizer.freeze_encoder)."""
+
+
+@dataclass
 class TokenizerEvalConfig:
     """Held-out caption(+QA) loss, the same with shuffled images, codebook usage: before and after training."""
 
@@ -139,6 +153,7 @@ class SiglipVQRunConfig(RunSection):
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     codebook: CodebookSection = field(default_factory=CodebookSection)
     eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
+    aux: TinyAuxSection = field(default_factory=TinyAuxSection)
 
     @property
     def export_dir(self) -> Path:
@@ -170,8 +185,11 @@ class SiglipVQRunConfig(RunSection):
                        "codebook.reseed_every": c.reseed_every, "eval.world_samples": e.world_samples,
                        "eval.corpus_samples": e.corpus_samples}, 0)
         check_numbers({"codebook.reseed_until": c.reseed_until}, 0, optional=True)
-        check_numbers({"teacher.warmup_lr": t.warmup_lr, "codebook.aux_loss_weight": c.aux_loss_weight}, 0,
-                      integer=False)
+        check_numbers({"teacher.warmup_lr": t.warmup_lr, "codebook.aux_loss_weight": c.aux_loss_weight,
+                       "aux.pixel_weight": self.aux.pixel_weight, "aux.object_alpha": self.aux.object_alpha,
+                       "aux.encoder_lr_mult": self.aux.encoder_lr_mult}, 0, integer=False)
+        if self.aux.encoder_lr_mult == 0 and not self.tokenizer.freeze_encoder:
+            raise ValueError("aux.encoder_lr_mult=0 would train a ViT at lr 0: set tokenizer.freeze_encoder=true instead")
         if d.batch_size % world_size:
             raise ValueError(f"data.batch_size={d.batch_size} is not a multiple of the {world_size} ranks: "
                              f"use a multiple of {world_size}")

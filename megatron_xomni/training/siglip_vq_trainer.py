@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,10 +39,11 @@ from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError
 from megatron_xomni.training.siglip_vq import (PROJECTOR_NAME, TEACHER_WEIGHTS, TokenizerWithProjector, _tensor_state,
                                                broadcast_module, build_llm, evaluate, lm_loss_sum, make_projector,
                                                save_teacher, warmup_llm)
+from megatron_xomni.training.siglip_vq_aux import PixelHead, weighted_pixel_loss
 from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
 
 # Saved settings a resume must share (they define the model, the teacher and what each step reads).
-FIXED_SECTIONS = ("tokenizer", "teacher", "data", "seed")
+FIXED_SECTIONS = ("tokenizer", "teacher", "data", "seed", "aux")
 QUANT_BUFFERS = ("code_counts", "recent_features", "recent_filled", "recent_ptr")
 
 
@@ -68,6 +70,39 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def changed_settings(saved: dict, now: dict, sections) -> list[str]:
+    """Flattened keys of `sections` whose saved value differs from the current one (resume guard)."""
+    old, new = _flat({k: saved.get(k) for k in sections}), _flat({k: now[k] for k in sections})
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def publish(out: Path, write: Callable[[Path], None], what: str) -> Path:
+    """Rank 0 lets `write` fill <out>.tmp, then renames it to `out` (a present folder is a complete one);
+    every rank waits for it."""
+    if _rank0():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log0(f"exported {out}: {what}")
+    dist.barrier()
+    return out
+
+
+def run_stage(trainer) -> int:
+    """setup() + run() of a tokenizer-side trainer, closing its logger and the process groups."""
+    from megatron_xomni.parallel import destroy_parallel
+
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+        destroy_parallel()
 
 
 class SiglipVQTrainer:
@@ -112,11 +147,12 @@ class SiglipVQTrainer:
         torch.manual_seed(cfg.seed)
         tok = self._tokenizer()
         projector = make_projector(cfg.tokenizer.projector, tok.cfg.adapter_dim, self.llm.config.hidden_size)
-        self.trainee = TokenizerWithProjector(tok, projector).to(self.device)
+        head = PixelHead(tok.cfg.adapter_dim, tok.cfg.patch_size) if cfg.aux.pixel_weight > 0 else None
+        self.trainee = TokenizerWithProjector(tok, projector, head).to(self.device)
         self.params = [p for p in self.trainee.parameters() if p.requires_grad]
         o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                     weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                     eps=o.adam_eps, weight_decay=o.weight_decay)
         self.scheduler = build_scheduler(self.opt, cfg.schedule, o.lr, o.min_lr, o.weight_decay, cfg.steps)
         # broadcast_buffers=False: each rank keeps its own code-usage counts and feature ring buffer
         self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -138,6 +174,17 @@ class SiglipVQTrainer:
         log0(f"[{cfg.name}] SigLIP-VQ: {self.world} rank(s) on {self.device}, global batch {cfg.data.batch_size}, "
              f"{sum(p.numel() for p in self.params) / 1e6:.2f}M trainable params, "
              f"teacher {sum(p.numel() for p in self.llm.parameters()) / 1e6:.1f}M (frozen)")
+
+    def _param_groups(self) -> list[dict]:
+        """One group, or two when aux.encoder_lr_mult != 1: the ViT's max/min lr scaled (the megatron-core
+        scheduler reads per-group max_lr/min_lr)."""
+        mult, o = self.cfg.aux.encoder_lr_mult, self.cfg.optim
+        enc = {id(p) for p in self.trainee.tok.encoder.parameters()}
+        enc_params = [p for p in self.params if id(p) in enc]
+        if mult == 1.0 or not enc_params:
+            return [{"params": self.params}]
+        return [{"params": [p for p in self.params if id(p) not in enc]},
+                {"params": enc_params, "max_lr": o.lr * mult, "min_lr": o.min_lr * mult}]
 
     def _teacher(self):
         """The frozen LLM: the warmed teacher of this run when saved, else built (and warmed up)."""
@@ -185,10 +232,9 @@ class SiglipVQTrainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def _check_resume(self, path: Path) -> None:
         """Refuse a resume whose model, teacher or data settings differ (no process group yet)."""
-        saved = self.ckpt.saved_run_config() or {}
-        now = self.cfg.to_dict()
-        old, new = _flat({k: saved.get(k) for k in FIXED_SECTIONS}), _flat({k: now[k] for k in FIXED_SECTIONS})
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        saved, now = self.ckpt.saved_run_config() or {}, self.cfg.to_dict()
+        changed = changed_settings(saved, now, FIXED_SECTIONS)
+        old, new = _flat(saved), _flat(now)
         if changed:
             k = changed[0]
             raise InputError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, not {new.get(k)!r} "
@@ -240,6 +286,11 @@ class SiglipVQTrainer:
         # DDP averages gradients over ranks, so scale by world: the result is sum(CE) / global targets
         caption_loss = ce_sum / global_count.clamp_min(1) * self.world
         loss = caption_loss + cfg.codebook.aux_loss_weight * aux["loss"]
+        pixel_loss = torch.zeros(())
+        if "pixels" in aux:  # the tiny preset's pixel head (training/siglip_vq_aux.py)
+            pixel_loss = weighted_pixel_loss(aux["pixels"], pixels.to(self.device), self.trainee.tok.cfg.patch_size,
+                                             cfg.aux.object_alpha)
+            loss = loss + cfg.aux.pixel_weight * pixel_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.clip_grad
@@ -249,15 +300,19 @@ class SiglipVQTrainer:
         self.scheduler.step(increment=1)
         self.step += 1
         stats = torch.tensor([ce_sum.item(), count.item(), aux["loss"].item(), float(aux["usage_fraction"]),
-                              float(aux["perplexity"])], dtype=torch.float64)
+                              float(aux["perplexity"]), pixel_loss.item()], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(stats)
         caption = float(stats[0] / stats[1].clamp_min(1))
         vq = float(stats[2]) / self.world
-        out = {"train/loss": caption + cfg.codebook.aux_loss_weight * vq, "train/caption_loss": caption,
+        pix = float(stats[5]) / self.world
+        out = {"train/loss": caption + cfg.codebook.aux_loss_weight * vq + cfg.aux.pixel_weight * pix,
+               "train/caption_loss": caption,
                "train/vq_loss": vq, "train/batch_usage": float(stats[3]) / self.world,
                "train/batch_perplexity": float(stats[4]) / self.world, "train/grad_norm": float(grad_norm),
                "train/lr": lr}
+        if "pixels" in aux:
+            out["train/pixel_loss"] = pix
         c = cfg.codebook
         if c.reseed_every and self.step % c.reseed_every == 0 and (c.reseed_until is None or self.step <= c.reseed_until):
             out.update(self.reseed())
@@ -320,11 +375,7 @@ class SiglipVQTrainer:
     def export(self, eval_after: dict | None) -> Path:
         """<save_dir>/export: tokenizer/ (save_pretrained), projector.safetensors, summary.json; written to
         export.tmp and renamed, so a present export folder is a complete one."""
-        out = self.cfg.export_dir
-        if self.rank == 0:
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        def write(tmp: Path) -> None:
             self.trainee.tok.save_pretrained(tmp / "tokenizer")
             save_file({k: v.cpu() for k, v in _tensor_state(self.trainee.projector).items()}, str(tmp / PROJECTOR_NAME))
             summary = {"steps": self.step, "eval_before": self.eval_before, "eval_after": eval_after,
@@ -332,11 +383,8 @@ class SiglipVQTrainer:
                        else self.cfg.teacher.checkpoint,
                        "teacher_warmup_loss": [self.warmup_losses[0], self.warmup_losses[-1]] if self.warmup_losses else None}
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-            log0(f"[{self.cfg.name}] exported {out}/tokenizer and {out}/{PROJECTOR_NAME}")
-        dist.barrier()
-        return out
+
+        return publish(self.cfg.export_dir, write, f"tokenizer/ and {PROJECTOR_NAME}")
 
     def close(self) -> None:
         if hasattr(self, "logger"):
@@ -345,12 +393,4 @@ class SiglipVQTrainer:
 
 def train_siglip_vq(cfg: SiglipVQRunConfig) -> int:
     """Run a SigLIP-VQ recipe; returns the exit code (0 done, 3 preempted and saved)."""
-    from megatron_xomni.parallel import destroy_parallel
-
-    trainer = SiglipVQTrainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.close()
-        destroy_parallel()
+    return run_stage(SiglipVQTrainer(cfg))

@@ -35,3 +35,22 @@ def test_bad_patch_and_grid():
         ImageGrid.from_tokens(0, 4, 16)
     with pytest.raises(ValueError, match=r"^--size 64x50 is not a multiple"):
         ImageGrid.from_pixels(64, 50, 16, what="--size")
+
+
+def test_fold_tokens_concatenates_each_block_in_raster_order():
+    import torch
+
+    from megatron_xomni.data.image_grid import fold_tokens
+
+    grid = ImageGrid.from_pixels(48, 64, 8)  # 6 x 8 codes, odd sizes on purpose
+    x = torch.randn(2, grid.num_tokens, 3)
+    got = fold_tokens(x, grid, 2)
+    coarse = grid.fold(2)
+    assert (coarse.rows, coarse.cols, coarse.patch) == (3, 4, 16) and (coarse.height, coarse.width) == (48, 64)
+    for r in range(coarse.rows):  # direct: decoder token (r, c) = codes (2r+i, 2c+j) for i, j in raster order
+        for c in range(coarse.cols):
+            want = torch.cat([x[:, (2 * r + i) * grid.cols + 2 * c + j] for i in range(2) for j in range(2)], dim=-1)
+            torch.testing.assert_close(got[:, r * coarse.cols + c], want, rtol=0, atol=0)
+    assert fold_tokens(x, grid, 1) is x
+    with pytest.raises(ValueError, match="cannot fold the 6x8 token grid into 4x4 blocks"):
+        grid.fold(4)

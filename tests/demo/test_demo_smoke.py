@@ -44,6 +44,14 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path):
     assert len(grpo) == 2 and all(0.0 <= r["grpo_dropped_group_share"] <= 1.0 for r in grpo)
     assert (published / "report.md").read_text() == report
     assert (published / "eval_grpo" / "samples.png").stat().st_size > 0
+    # direction, not only existence: the codes inform the teacher, the trained decoder renders them better
+    # than the untrained one (fitted VAE, zero semantic projection)
+    health = json.loads((out / "tokenizer_health" / "DONE.json").read_text())
+    assert health["caption_gap_pct"] > 0, health
+    assert set(health["probes"]) >= {"colour", "shape", "count", "position", "codes_all"}
+    ceiling = json.loads((out / "ceiling" / "DONE.json").read_text())
+    assert ceiling["ceiling"] > ceiling["untrained_ceiling"], ceiling
+    assert set(ceiling["per_skill"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0

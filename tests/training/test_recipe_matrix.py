@@ -29,6 +29,9 @@ schedule style, re-seeding rule and eval sets:
 | X-Omni image sizes, 256 images/step  | 64 px world corpus, tiny rules, 4 images/step   | CPU                          |
 | re-seeding every 50/200 steps        | every 3 steps (one re-seed each side of a kill) | exercise per-rank usage state |
 
+The SigLIP contrastive recipe (DCP of ViT + text tower + scale/bias + AdamW) keeps its model and schedule
+style; its global batch of 128 images becomes 8 over 2 ranks (the loss spans both ranks' rows).
+
 Tokenization and the text tokenizer are not iterative (DISTRIBUTED = False: one process): their check is
 "SIGKILL at a seeded fault point, rerun, get byte-identical outputs". Tokenization is killed after its
 k-th published shard (`after_step:k`) or in the final merge (`in_save`); the rerun redoes only the
@@ -54,7 +57,8 @@ from megatron_xomni.recipes import available_recipes, load_recipe
 from tests.multirank import run_ranks
 from tests.training.checkpoints import assert_same_state, plain_state
 
-STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4, "SiglipVQRunConfig": 6, "DecoderRunConfig": 4}
+STEPS = {"ARRunConfig": 6, "GRPORunConfig": 4, "SiglipVQRunConfig": 6, "DecoderRunConfig": 4,
+         "SiglipContrastiveRunConfig": 6}
 VPP = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2",
        "parallel.virtual_pipeline_parallel=2"]
 
@@ -70,6 +74,7 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
     from megatron_xomni.rl.trainer import GRPORunConfig
     from megatron_xomni.training.config import ARRunConfig
     from megatron_xomni.training.flux_decoder import DecoderRunConfig
+    from megatron_xomni.training.siglip_contrastive import SiglipContrastiveRunConfig
     from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
 
     cfg = load_recipe(name)
@@ -79,6 +84,8 @@ def _shrunk(name: str, root: Path, save_dir: Path, extra: list, kill: str = ""):
         return _shrunk_siglip_vq(cfg, root, save_dir, kill), 2
     if isinstance(cfg, DecoderRunConfig):
         return _shrunk_decoder(cfg, save_dir, kill), 2
+    if isinstance(cfg, SiglipContrastiveRunConfig):
+        return _shrunk_contrastive(cfg, root, save_dir, kill), 2
     cfg.model = model_preset("tiny")
     apply_overrides(cfg, extra)
     p = cfg.parallel
@@ -123,6 +130,17 @@ def _shrunk_decoder(cfg, save_dir: Path, kill: str):
     cfg.corpus, cfg.preprocess, cfg.image_size, cfg.batch_size = "world", "fixed", 48, 4
     cfg.vae_fit_steps, cfg.sample_every, cfg.export = 0, 0, True
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, 1)
+    return cfg
+
+
+def _shrunk_contrastive(cfg, root: Path, save_dir: Path, kill: str):
+    """The contrastive stage keeps its model (tiny ViT at its patch, text tower) and schedule style; the
+    global batch of 128 becomes 8 (4 per rank: the loss still spans both ranks' rows)."""
+    cfg.save_dir, cfg.debug_kill, cfg.steps = str(save_dir), kill, STEPS["SiglipContrastiveRunConfig"]
+    cfg.save_interval, cfg.log_interval, cfg.keep_last = 2, 1, 2
+    cfg.data.corpus, cfg.data.text_tokenizer, cfg.data.batch_size = str(root / "corpus"), str(root / "text"), 8
+    cfg.schedule.warmup_steps, cfg.schedule.decay_steps = min(cfg.schedule.warmup_steps, 1), None
+    cfg.eval.world_samples = min(cfg.eval.world_samples, 4)
     return cfg
 
 

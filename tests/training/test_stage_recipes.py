@@ -7,7 +7,7 @@ from megatron_xomni.recipes import load_recipe
 from megatron_xomni.training.run import InputError
 
 # recipe -> world size it is validated for (the X-Omni SigLIP-VQ run: 32 nodes x 8 GPUs)
-WORLDS = {"tiny_siglip_vq": 2, "xomni_siglip_vq": 256, "tiny_tokenize": 1, "xomni_tokenize": 1,
+WORLDS = {"tiny_siglip_vq": 2, "tiny_siglip_contrastive": 2, "xomni_siglip_vq": 256, "tiny_tokenize": 1, "xomni_tokenize": 1,
           "tiny_text_tokenizer": 1, "xomni_text_tokenizer": 1}
 
 

@@ -10,8 +10,8 @@ from typing import Literal
 VARIANTS = ("text", "image")
 PRESETS = ("tiny", "xomni")
 OLD_PRESETS = {"full": "xomni"}  # one preset vocabulary for every config: old names are one-line errors
-# VAE downsamples 8x and FLUX packs 2x2 latent patches, so one decoder token covers 16x16 px:
-# exactly one SigLIP-VQ token (patch 16).
+# VAE downsamples 8x and FLUX packs 2x2 latent patches, so one decoder token covers 16x16 px: one
+# SigLIP-VQ token of X-Omni (patch 16), or a fold x fold block of a finer tokenizer's (tiny: patch 8).
 VAE_SCALE = 8
 LATENT_PATCH = 2
 TOKEN_PIXELS = VAE_SCALE * LATENT_PATCH
@@ -29,7 +29,11 @@ class DecoderConfig:
     """"text" keeps FLUX's text stream fed with prompt embeddings (English variant in the paper);
     "image" drops it: zero text tokens and a learned pooled embedding (Chinese variant)."""
     adapter_dim: int = 1536
-    """Width of the tokenizer's adapter features (SigLIP-VQ ``decode_features``) fed per token."""
+    """Width of the features fed per decoder token: the tokenizer's adapter_dim x fold^2 (see tokenizer_patch)."""
+    tokenizer_patch: int = 16
+    """Patch of the image tokenizer whose codes this decoder renders; a divisor of the 16 px decoder token.
+    fold = 16 // tokenizer_patch: each fold x fold block of code features is concatenated into one decoder
+    token (data/image_grid.py fold_tokens), so the decoder keeps FLUX's latent grid whatever the code grid."""
     # ---- transformer (FluxTransformer2DModel arguments) ----
     num_layers: int = 19
     """Double-stream (MMDiT) blocks; the semantic features are added after the last of them."""
@@ -102,6 +106,13 @@ class DecoderConfig:
             raise ValueError("vae_block_out_channels needs 4 levels: FLUX assumes an 8x downsampling VAE")
         self.axes_dims_rope = tuple(self.axes_dims_rope)
         self.vae_block_out_channels = tuple(self.vae_block_out_channels)
+        if self.tokenizer_patch < 1 or TOKEN_PIXELS % self.tokenizer_patch:
+            raise ValueError(f"tokenizer_patch={self.tokenizer_patch} must divide the {TOKEN_PIXELS} px decoder token")
+
+    @property
+    def feature_fold(self) -> int:
+        """Code tokens per decoder token side (1 for X-Omni's patch-16 tokenizer)."""
+        return TOKEN_PIXELS // self.tokenizer_patch
 
     @property
     def in_channels(self) -> int:
@@ -132,18 +143,29 @@ class DecoderConfig:
         return cls(**data)
 
 
-def check_decoder_patch(tokenizer_patch: int, cfg: "DecoderConfig | None" = None) -> int:
-    """The decoder's token size for an image tokenizer's patch; ValueError (one line) when they differ.
+def feature_fold(tokenizer_patch: int) -> int:
+    """Code tokens per 16 px decoder token side for a tokenizer patch; ValueError unless the patch divides 16."""
+    p = int(tokenizer_patch)
+    if p < 1 or TOKEN_PIXELS % p:
+        raise ValueError(f"image tokenizer patch {p} px does not divide the decoder's {TOKEN_PIXELS} px token (VAE "
+                         f"{VAE_SCALE}x downsampling, {LATENT_PATCH}x{LATENT_PATCH} latent packing): use a patch of "
+                         "16, 8, 4, 2 or 1")
+    return TOKEN_PIXELS // p
 
-    The FLUX latent grid is fixed by the architecture (VAE_SCALE x LATENT_PATCH = 16 px per token), and
-    the semantic features are added token for token, so the code grid (ImageGrid with the tokenizer's
-    patch) and the decoder grid must be the same grid."""
-    size = cfg.token_pixels if cfg is not None else TOKEN_PIXELS
-    if int(tokenizer_patch) != size:
-        raise ValueError(f"image tokenizer patch {tokenizer_patch} px != decoder token size {size} px (VAE "
-                         f"{VAE_SCALE}x downsampling, {LATENT_PATCH}x{LATENT_PATCH} latent packing): their grids "
-                         f"would not align; use a patch-{size} image tokenizer")
-    return size
+
+def check_decoder_patch(tokenizer_patch: int, cfg: "DecoderConfig | None" = None) -> int:
+    """The fold (code tokens per decoder token side) for an image tokenizer's patch; ValueError (one line)
+    when the decoder was trained for another patch, or the patch does not divide the 16 px decoder token."""
+    fold = feature_fold(tokenizer_patch)
+    if cfg is not None and int(tokenizer_patch) != cfg.tokenizer_patch:
+        raise ValueError(f"image tokenizer patch {tokenizer_patch} px != the {cfg.tokenizer_patch} px patch this "
+                         "decoder was trained on: use the decoder trained on this image tokenizer's features")
+    return fold
+
+
+def decoder_adapter_dim(tokenizer_adapter_dim: int, tokenizer_patch: int) -> int:
+    """Width of a decoder token's features: the tokenizer's adapter_dim x fold^2."""
+    return int(tokenizer_adapter_dim) * feature_fold(tokenizer_patch) ** 2
 
 
 def _tokenizer_adapter_dim(tokenizer_preset: str) -> int:

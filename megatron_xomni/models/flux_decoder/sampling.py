@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from megatron_xomni.data.image_grid import ImageGrid, fold_tokens
 from megatron_xomni.models.flux_decoder.config import DecoderConfig, check_decoder_patch
 from megatron_xomni.models.flux_decoder.model import XOmniDecoder
 
@@ -131,16 +132,29 @@ def sample(
     return decoder.decode_latents(latents, (h, w))
 
 
+def features_for_decoder(tokenizer, codes: torch.Tensor, cfg: DecoderConfig | None = None):
+    """Token codes [B, h, w] -> (features [B, tokens, fold^2 * adapter_dim], decoder grid (h/fold, w/fold)):
+    the tokenizer's adapter features, folded onto the decoder's 16 px grid (fold 1 for a patch-16 tokenizer).
+    `cfg` checks that the decoder was trained for this tokenizer's patch."""
+    tcfg = tokenizer.config if hasattr(tokenizer, "config") else tokenizer.cfg
+    fold = check_decoder_patch(int(tcfg.patch_size), cfg)
+    grid = ImageGrid.from_tokens(codes.shape[1], codes.shape[2], int(tcfg.patch_size))
+    feats = fold_tokens(tokenizer.decode_features(codes), grid, fold)
+    return feats, grid.fold(fold).shape
+
+
 @torch.no_grad()
 def sample_from_codes(decoder: XOmniDecoder, tokenizer, codes: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Token codes [B, h, w] (from the AR model or tokenizer.encode) -> pixels [B, 3, 16h, 16w]."""
+    """Token codes [B, h, w] (from the AR model or tokenizer.encode) -> pixels [B, 3, h*p, w*p] (p: the
+    tokenizer's patch; the decoder renders them on its 16 px grid, see features_for_decoder)."""
     if not torch.is_tensor(codes) or codes.ndim != 3 or codes.dtype.is_floating_point:
         raise ValueError(f"codes must be an integer [B, h, w] tensor, got {getattr(codes, 'shape', type(codes))}")
     tcfg = tokenizer.config if hasattr(tokenizer, "config") else tokenizer.cfg
-    check_decoder_patch(int(tcfg.patch_size), decoder.cfg)
-    if int(tcfg.adapter_dim) != decoder.cfg.adapter_dim:
-        raise ValueError(f"tokenizer adapter_dim {tcfg.adapter_dim} != decoder adapter_dim {decoder.cfg.adapter_dim}")
+    fold = check_decoder_patch(int(tcfg.patch_size), decoder.cfg)
+    if int(tcfg.adapter_dim) * fold * fold != decoder.cfg.adapter_dim:
+        raise ValueError(f"tokenizer adapter_dim {tcfg.adapter_dim} (x {fold * fold} folded) != decoder adapter_dim "
+                         f"{decoder.cfg.adapter_dim}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= int(tcfg.codebook_size)):
         raise ValueError(f"codes must lie in [0, {tcfg.codebook_size}); got range [{int(codes.min())}, {int(codes.max())}]")
-    features = tokenizer.decode_features(codes)
-    return sample(decoder, features, tuple(codes.shape[1:]), **kwargs)
+    features, grid = features_for_decoder(tokenizer, codes, decoder.cfg)
+    return sample(decoder, features, grid, **kwargs)

@@ -132,3 +132,30 @@ def test_sample_from_codes_uses_the_tokenizer_features_and_grid():
         sample_from_codes(dec, tok, codes + 5)
     with pytest.raises(ValueError, match="integer \\[B, h, w\\]"):
         sample_from_codes(dec, tok, codes.flatten(1))
+
+
+def test_decoder_renders_a_finer_tokenizer_grid_through_the_fold():
+    """A patch-8 tokenizer's 8x8 codes reach the 16 px decoder as 4x4 tokens of 2x2 concatenated features:
+    decoder token (1, 2) holds codes (2..3, 4..5), the image is 64 px, a patch mismatch is refused."""
+    from megatron_xomni.models.flux_decoder import build_decoder, decoder_config
+    from megatron_xomni.models.flux_decoder.config import check_decoder_patch, decoder_adapter_dim
+    from megatron_xomni.models.flux_decoder.sampling import features_for_decoder
+    from megatron_xomni.models.siglip_vq import SiglipVQTokenizer, tokenizer_config
+
+    torch.manual_seed(0)
+    tok = SiglipVQTokenizer(tokenizer_config("tiny", patch_size=8, pos_grid=8)).eval()
+    dim = decoder_adapter_dim(tok.cfg.adapter_dim, 8)
+    assert dim == 4 * tok.cfg.adapter_dim
+    dec = build_decoder(decoder_config("tiny", "image", adapter_dim=dim, tokenizer_patch=8), seed=0).eval()
+    codes = torch.randint(0, tok.cfg.codebook_size, (2, 8, 8))
+    feats, grid = features_for_decoder(tok, codes, dec.cfg)
+    assert grid == (4, 4) and feats.shape == (2, 16, dim)
+    per_code = tok.decode_features(codes).reshape(2, 8, 8, -1)
+    torch.testing.assert_close(feats[:, 1 * 4 + 2], torch.cat([per_code[:, 2, 4], per_code[:, 2, 5], per_code[:, 3, 4],
+                                                               per_code[:, 3, 5]], -1), rtol=0, atol=0)
+    out = sample_from_codes(dec, tok, codes, num_inference_steps=2, generator=0)
+    assert out.shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="patch 16 px != the 8 px patch"):
+        check_decoder_patch(16, dec.cfg)
+    with pytest.raises(ValueError, match="does not divide"):
+        check_decoder_patch(6)
