@@ -92,6 +92,15 @@ def ceiling(ctx: DemoContext) -> dict:
     ctx.log(f"    rendering ceiling {got['ceiling']:.3f} (untrained decoder {base['ceiling']:.3f}), per skill "
             + ", ".join(f"{k} {v:.2f}" for k, v in got["per_skill"].items())
             + f"; decoder-seed share of the variance {got['seed_variance_share']:.2f}")
+    from megatron_xomni.training.metrics import MetricsLogger
+
+    steps = cfg.decoder_steps
+    logger = MetricsLogger(str(ctx.out / "decoder" / "tensorboard"), str(ctx.dir("ceiling") / "metrics.jsonl"),
+                           enabled=True, name="ceiling", total_steps=steps, start_step=steps)
+    logger.log(steps, {"ceiling/partial_credit": got["ceiling"], "ceiling/untrained": base["ceiling"],
+                       "ceiling/seed_variance_share": got["seed_variance_share"],
+                       **{f"ceiling/{k}": v for k, v in got["per_skill"].items()}})
+    logger.close()
     if got["ceiling"] < CEILING_MIN:
         warn(ctx, f"the rendering ceiling is {got['ceiling']:.3f} (< {CEILING_MIN}): the decoder cannot render what "
                   "the codes say, so RL has little room to show")

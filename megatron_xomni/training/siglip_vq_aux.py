@@ -49,10 +49,18 @@ def foreground_fraction(pixels: torch.Tensor, patch: int, threshold: float = 0.3
     return F.avg_pool2d(fg[:, None], patch).flatten(1)
 
 
-def weighted_pixel_loss(pred: torch.Tensor, pixels: torch.Tensor, patch: int, object_alpha: float) -> torch.Tensor:
-    """Mean squared pixel error, each pixel weighted by its token's 1 + object_alpha * foreground fraction."""
+def weighted_pixel_error(pred: torch.Tensor, pixels: torch.Tensor, patch: int,
+                         object_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted squared pixel errors, sum of weights): each pixel weighs its token's
+    1 + object_alpha * foreground fraction. Kept apart so data-parallel ranks can divide by the global sum."""
     b, _, h, w = pixels.shape
     weight = 1 + object_alpha * foreground_fraction(pixels, patch)  # [B, h/p * w/p]
     weight = F.interpolate(weight.reshape(b, 1, h // patch, w // patch), scale_factor=patch, mode="nearest")[:, 0]
     err = (pred - pixels).pow(2).mean(1)
-    return (err * weight).sum() / weight.sum()
+    return (err * weight).sum(), weight.sum()
+
+
+def weighted_pixel_loss(pred: torch.Tensor, pixels: torch.Tensor, patch: int, object_alpha: float) -> torch.Tensor:
+    """Weighted mean squared pixel error (see weighted_pixel_error)."""
+    total, weight = weighted_pixel_error(pred, pixels, patch, object_alpha)
+    return total / weight

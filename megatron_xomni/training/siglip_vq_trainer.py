@@ -39,7 +39,7 @@ from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError
 from megatron_xomni.training.siglip_vq import (PROJECTOR_NAME, TEACHER_WEIGHTS, TokenizerWithProjector, _tensor_state,
                                                broadcast_module, build_llm, evaluate, lm_loss_sum, make_projector,
                                                save_teacher, warmup_llm)
-from megatron_xomni.training.siglip_vq_aux import PixelHead, weighted_pixel_loss
+from megatron_xomni.training.siglip_vq_aux import PixelHead, weighted_pixel_error
 from megatron_xomni.training.siglip_vq_config import SiglipVQRunConfig
 
 # Saved settings a resume must share (they define the model, the teacher and what each step reads).
@@ -286,11 +286,15 @@ class SiglipVQTrainer:
         # DDP averages gradients over ranks, so scale by world: the result is sum(CE) / global targets
         caption_loss = ce_sum / global_count.clamp_min(1) * self.world
         loss = caption_loss + cfg.codebook.aux_loss_weight * aux["loss"]
-        pixel_loss = torch.zeros(())
+        pix_sum, pix_weight = torch.zeros(()), torch.zeros(())
         if "pixels" in aux:  # the tiny preset's pixel head (training/siglip_vq_aux.py)
-            pixel_loss = weighted_pixel_loss(aux["pixels"], pixels.to(self.device), self.trainee.tok.cfg.patch_size,
-                                             cfg.aux.object_alpha)
-            loss = loss + cfg.aux.pixel_weight * pixel_loss
+            pix_sum, pix_weight = weighted_pixel_error(aux["pixels"], pixels.to(self.device),
+                                                       self.trainee.tok.cfg.patch_size, cfg.aux.object_alpha)
+            global_weight = pix_weight.detach().clone()
+            if self.world > 1:
+                dist.all_reduce(global_weight)
+            # as for the caption loss: normalised by the global weight, so K ranks give one rank's gradient
+            loss = loss + cfg.aux.pixel_weight * pix_sum / global_weight * self.world
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.clip_grad
@@ -300,12 +304,12 @@ class SiglipVQTrainer:
         self.scheduler.step(increment=1)
         self.step += 1
         stats = torch.tensor([ce_sum.item(), count.item(), aux["loss"].item(), float(aux["usage_fraction"]),
-                              float(aux["perplexity"]), pixel_loss.item()], dtype=torch.float64)
+                              float(aux["perplexity"]), pix_sum.item(), pix_weight.item()], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(stats)
         caption = float(stats[0] / stats[1].clamp_min(1))
         vq = float(stats[2]) / self.world
-        pix = float(stats[5]) / self.world
+        pix = float(stats[5] / stats[6].clamp_min(1e-12))
         out = {"train/loss": caption + cfg.codebook.aux_loss_weight * vq + cfg.aux.pixel_weight * pix,
                "train/caption_loss": caption,
                "train/vq_loss": vq, "train/batch_usage": float(stats[3]) / self.world,

@@ -211,8 +211,10 @@ def test_export_is_what_tokenization_reads(signal_runs):
     export = root / "sig_ref" / "export" / "tokenizer"
     tok = load_image_tokenizer(str(export))
     from megatron_xomni.data.image_grid import ImageGrid
+    from megatron_xomni.models.siglip_vq import tokenizer_config
 
-    grid = ImageGrid.from_pixels(64, 64, _cfg("c", "t", "s").tokenizer_config().patch_size)
+    saved = json.loads((root / "sig_ref" / "run_config.json").read_text())["tokenizer"]
+    grid = ImageGrid.from_pixels(64, 64, tokenizer_config(saved["preset"], **saved["overrides"]).patch_size)
     assert tuple(tok.encode(torch.zeros(1, 3, 64, 64)).shape) == (1, *grid.shape)
     dcp_to_torch_save(root / "sig_ref" / "iter_0000005" / "dcp", root / "final.pt")
     model = torch.load(root / "final.pt", weights_only=True)["model"]
@@ -237,7 +239,7 @@ def test_config_errors_are_one_line_before_any_process_group(assets, tmp_path, c
         (["--llm-warmup-steps", "10"], "write teacher.warmup_steps=VALUE"),
         (["tokenizer.preset=big"], "unknown tokenizer preset 'big'"), (["teacher.preset=xomni_7b"], "`xomni_7b` is now `xomni`"),
         (['tokenizer.overrides={"widht": 8}'], "tokenizer.overrides"), (["tokenizer.projector=conv"], "mlp or linear"),
-        (["data.preprocess=big"], "use tiny or xomni"), (["schedule.warmup_steps=700"], "must be smaller than steps"),
+        (["data.preprocess=big"], "use tiny or xomni"), (["schedule.warmup_steps=1100"], "must be smaller than steps"),
         (["optim.use_distributed_optimizer=true"], "torch AdamW under DDP"),
         ([f"data.corpus={tmp_path}"], "not a corpus folder"), ([f"teacher.checkpoint={tmp_path}/none"], "does not exist"),
         ([f"tokenizer.siglip_path={tmp_path}/none"], "download the SigLIP2 checkpoint"),
