@@ -51,13 +51,14 @@ class DemoConfig:
     """Reconstruction steps of the tiny VAE before decoder training."""
     decoder_sample_steps: int = 8
     """Euler steps when decoding images."""
-    grpo_steps: int = 40
-    """GRPO steps."""
+    grpo_steps: int = 80
+    """GRPO steps (80 x 64 rollouts: ~50 s here; at 40 steps and lr 1e-4 the reward stalled at 0.25,
+    level with SFT's honest best-of-16, measured 2026-12-01)."""
     grpo_prompts: int = 8
     """Prompts per GRPO step."""
     grpo_group: int = 8
     """Samples per prompt (G)."""
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-4
     """GRPO learning rate (constant)."""
     grpo_kl_beta: float = 0.01
     """Weight of the k3 KL penalty to the SFT reference."""

@@ -15,7 +15,6 @@ Checkpoints hold policy, optimizer, step and RNG; the reference is re-read from 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from megatron_xomni.data.image_grid import ImageGrid
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
 from megatron_xomni.training.preemption import EXIT_REQUEUE, PreemptionSignal
-from megatron_xomni.training.run import RunSection
+from megatron_xomni.training.run import RunSection, run_stage
 from megatron_xomni.inference.sampling import SamplingConfig
 from megatron_xomni.training.optim import OptimConfig
 
@@ -159,7 +158,7 @@ class GRPOTrainer:
         from megatron_xomni.rewards import RewardEnsemble
         from megatron_xomni.rl.grpo import GRPOStep
         from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
-        from megatron_xomni.training.metrics import MetricsLogger
+        from megatron_xomni.training.metrics import open_run_outputs
         from megatron_xomni.training.optim import wrap_and_build_optimizer
 
         cfg = self.cfg
@@ -188,12 +187,7 @@ class GRPOTrainer:
         self.rewards = RewardEnsemble(dict(cfg.rewards), **{n: dict(kw) for n, kw in cfg.reward_args.items()})
         self.reference_identity = str(init)
         self._maybe_resume()
-        rank0 = torch.distributed.get_rank() == 0
-        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"),
-                                    rank0, name=cfg.name, total_steps=cfg.steps, start_step=self.step)
-        if rank0:
-            Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.save_dir) / "run_config.json").write_text(cfg.to_json())
+        self.logger = open_run_outputs(cfg, self.step, torch.distributed.get_rank() == 0)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _sharded(self, is_loading=False) -> dict:
@@ -341,12 +335,4 @@ class GRPOTrainer:
 
 
 def train_grpo(cfg: GRPORunConfig) -> int:
-    from megatron_xomni.parallel import destroy_parallel
-
-    trainer = GRPOTrainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.close()
-        destroy_parallel()
+    return run_stage(GRPOTrainer(cfg))

@@ -107,3 +107,14 @@ class Throughput:
             "throughput/mfu": tflops / self.peak,
             "throughput/window_seconds": dt,
         }
+
+
+def open_run_outputs(cfg, start_step: int, rank0: bool) -> "MetricsLogger":
+    """What every trainer writes under its save_dir, opened the same way: the folder, run_config.json
+    (rank 0: the config a resume is checked against) and the metrics logger (metrics.jsonl and
+    TensorBoard under save_dir/tensorboard). `cfg`: a RunSection."""
+    if rank0:
+        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.save_dir) / "run_config.json").write_text(cfg.to_json())
+    return MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"),
+                         rank0, name=cfg.name, total_steps=cfg.steps, start_step=start_step)

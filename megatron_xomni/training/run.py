@@ -77,3 +77,16 @@ class RunSection:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def run_stage(trainer) -> int:
+    """setup() + run() of a trainer (anything with setup/run/close), then its logger closed and the
+    process groups destroyed, however it ended; returns run()'s exit code."""
+    from megatron_xomni.parallel import destroy_parallel
+
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+        destroy_parallel()

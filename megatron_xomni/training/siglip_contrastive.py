@@ -33,9 +33,9 @@ from megatron_xomni.dataclass_utils import check_numbers
 from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
 from megatron_xomni.training.optim import OptimConfig
 from megatron_xomni.training.preemption import PreemptionSignal, end_of_step
-from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, RunSection
+from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, RunSection, run_stage
 from megatron_xomni.training.schedule import ScheduleConfig
-from megatron_xomni.training.siglip_vq_trainer import _device, _flat, _rank0, changed_settings, log0, publish, run_stage
+from megatron_xomni.training.siglip_vq_trainer import _device, _flat, _rank0, changed_settings, log0, publish
 
 FIXED_SECTIONS = ("model", "data", "seed")
 
@@ -180,7 +180,7 @@ class ContrastiveTrainer:
         from megatron_xomni.models.siglip_vq.contrastive import SiglipContrastiveModel
         from megatron_xomni.models.siglip_vq.model import SiglipVQTokenizer
         from megatron_xomni.parallel import ParallelConfig, initialize_parallel, single_process_env
-        from megatron_xomni.training.metrics import MetricsLogger
+        from megatron_xomni.training.metrics import open_run_outputs
         from megatron_xomni.training.schedule import build_scheduler
 
         cfg = self.cfg
@@ -219,12 +219,8 @@ class ContrastiveTrainer:
         self.batches = CaptionBatches(cfg.data.corpus, cfg.data.batch_size // self.world, 0, preprocess_cfg=self.pp,
                                       seed=cfg.seed)
         self.batches.skip(self.step)
-        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"),
-                                    enabled=_rank0(), name=cfg.name, total_steps=cfg.steps, start_step=self.step)
+        self.logger = open_run_outputs(cfg, self.step, _rank0())
         self.preempt = PreemptionSignal()
-        if _rank0():
-            Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.save_dir) / "run_config.json").write_text(cfg.to_json())
         log0(f"[{cfg.name}] SigLIP contrastive: {self.world} rank(s), global batch {cfg.data.batch_size}, "
              f"{sum(p.numel() for p in self.params) / 1e6:.2f}M params (ViT {t.width}x{t.num_layers}, patch "
              f"{t.patch_size})")

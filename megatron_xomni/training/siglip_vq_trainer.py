@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
 from megatron_xomni.training.preemption import PreemptionSignal, end_of_step
-from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError
+from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, run_stage
 from megatron_xomni.training.siglip_vq import (PROJECTOR_NAME, TEACHER_WEIGHTS, TokenizerWithProjector, _tensor_state,
                                                broadcast_module, build_llm, evaluate, lm_loss_sum, make_projector,
                                                save_teacher, warmup_llm)
@@ -93,18 +93,6 @@ def publish(out: Path, write: Callable[[Path], None], what: str) -> Path:
     return out
 
 
-def run_stage(trainer) -> int:
-    """setup() + run() of a tokenizer-side trainer, closing its logger and the process groups."""
-    from megatron_xomni.parallel import destroy_parallel
-
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.close()
-        destroy_parallel()
-
-
 class SiglipVQTrainer:
     """One SigLIP-VQ run on this rank (see the module docstring)."""
 
@@ -120,7 +108,7 @@ class SiglipVQTrainer:
         from megatron_xomni.data.caption_batches import CaptionBatches
         from megatron_xomni.data.text_tokenizer import XOmniTextTokenizer
         from megatron_xomni.parallel import ParallelConfig, initialize_parallel, single_process_env
-        from megatron_xomni.training.metrics import MetricsLogger
+        from megatron_xomni.training.metrics import open_run_outputs
         from megatron_xomni.training.schedule import build_scheduler
 
         cfg = self.cfg
@@ -165,12 +153,8 @@ class SiglipVQTrainer:
         self.batches = CaptionBatches(cfg.data.corpus, cfg.data.batch_size // self.world, cfg.data.max_qa_pairs,
                                       preprocess_cfg=self.pp, seed=cfg.seed)
         self.batches.skip(self.step)
-        self.logger = MetricsLogger(str(Path(cfg.save_dir) / "tensorboard"), str(Path(cfg.save_dir) / "metrics.jsonl"),
-                                    enabled=_rank0(), name=cfg.name, total_steps=cfg.steps, start_step=self.step)
+        self.logger = open_run_outputs(cfg, self.step, _rank0())
         self.preempt = PreemptionSignal()
-        if _rank0():
-            Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.save_dir) / "run_config.json").write_text(cfg.to_json())
         log0(f"[{cfg.name}] SigLIP-VQ: {self.world} rank(s) on {self.device}, global batch {cfg.data.batch_size}, "
              f"{sum(p.numel() for p in self.params) / 1e6:.2f}M trainable params, "
              f"teacher {sum(p.numel() for p in self.llm.parameters()) / 1e6:.1f}M (frozen)")
