@@ -7,7 +7,8 @@ from megatron_xomni.training.schedule import ScheduleConfig
 
 
 def decoder_cfg(lr: float = 1e-3, warmup_steps: int = 1, weight_decay: float = 0.0, clip_grad: float = 1.0,
-                **fields) -> DecoderRunConfig:
+                adam_beta2: float = OptimConfig.adam_beta2, **fields) -> DecoderRunConfig:
     """A DecoderRunConfig with a constant LR after `warmup_steps` of linear warmup."""
-    return DecoderRunConfig(optim=OptimConfig(lr=lr, min_lr=lr, weight_decay=weight_decay, clip_grad=clip_grad),
+    return DecoderRunConfig(optim=OptimConfig(lr=lr, min_lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+                                              adam_beta2=adam_beta2),
                             schedule=ScheduleConfig(style="constant", warmup_steps=warmup_steps), **fields)
