@@ -17,14 +17,15 @@ BUDGET_SECONDS = 15 * 60
 
 
 def ceiling_figures(ctx, sft: dict) -> dict:
-    """{"ceiling": partial credit of ground-truth codes rendered by the frozen decoder, "per_skill": ...}.
+    """{"ceiling": partial credit of ground-truth codes rendered by the frozen decoder, "per_skill": ...}
+    (`ctx` None: a report built from evaluations alone).
 
     The demo's ceiling stage (demo/quality.py: K decoder seeds per image, next to the untrained
     decoder's) when it ran; otherwise what the SFT evaluation measured on its own prompts
     (ground-truth images -> frozen tokenizer -> decoder -> detector).
     """
-    done = Path(ctx.out) / "ceiling" / "DONE.json"
-    if done.exists():
+    done = Path(ctx.out) / "ceiling" / "DONE.json" if ctx is not None else None
+    if done is not None and done.exists():
         c = json.loads(done.read_text())
         return {"ceiling": c["ceiling"], "per_skill": c.get("per_skill", {}),
                 "untrained": c.get("untrained_ceiling"), "source": "ceiling stage"}

@@ -76,3 +76,17 @@ def test_set_overrides_are_typed_and_bad_ones_name_the_fix():
     with pytest.raises(SystemExit) as exit_:
         main(["--seeds", "0,0"])
     assert exit_.value.code == 2
+
+
+def test_ceiling_comes_from_the_ceiling_stage_when_it_ran(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_xomni.demo import report as rep
+
+    ctx = SimpleNamespace(out=tmp_path)
+    assert rep.ceiling_figures(ctx, SFT)["source"] == "SFT evaluation"  # no ceiling stage yet
+    (tmp_path / "ceiling").mkdir()
+    (tmp_path / "ceiling" / "DONE.json").write_text(json.dumps(
+        {"ceiling": 0.711, "per_skill": {"colors": 0.9}, "untrained_ceiling": 0.37}))
+    got = rep.ceiling_figures(ctx, SFT)
+    assert (got["ceiling"], got["per_skill"], got["untrained"], got["source"]) == (0.711, {"colors": 0.9}, 0.37, "ceiling stage")
