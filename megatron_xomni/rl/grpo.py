@@ -26,17 +26,11 @@ from functools import partial
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_xomni.rl.logprobs import (
-    _device,
-    _to,
-    compute_logprobs,
-    pack_rollouts,
-    policy_logprobs_and_entropy,
-    scored_span,
-    split_microbatches,
-)
+from megatron_xomni.rl.logprobs import _device, compute_logprobs, forward_seq_length, policy_logprobs_and_entropy
+from megatron_xomni.rl.microbatches import plan_part
 from megatron_xomni.inference.generation import Rollout, _unwrap
 
 _STATS = ("objective", "pg_loss", "kl", "clipped", "entropy", "ratio", "tokens")
@@ -165,6 +159,17 @@ def loss_weights(action_mask: torch.Tensor, aggregation: str, dp_group=None) -> 
     return mask / per_seq.clamp(min=1) / seqs.clamp(min=1).to(mask.dtype)
 
 
+def microbatch_loss_weights(masks: Sequence[torch.Tensor], aggregation: str, dp_group=None) -> list[torch.Tensor]:
+    """`loss_weights` of one minibatch held as micro-batches of different lengths, one [b, s_j] per mask.
+
+    The masks are zero-padded to one length for the normaliser (padding adds nothing to it) and the
+    weights cut back to each micro-batch's length.
+    """
+    longest = max(m.shape[1] for m in masks)
+    w = loss_weights(torch.cat([F.pad(m, (0, longest - m.shape[1])) for m in masks]), aggregation, dp_group)
+    return [x[:, : m.shape[1]] for x, m in zip(w.split([m.shape[0] for m in masks]), masks)]
+
+
 def grpo_loss_func(batch: dict, cfg: GRPOConfig, pg, scale: float, model, output):
     """megatron-core loss_func: (weighted loss * scale, 1, {"grpo": stats}).
 
@@ -196,6 +201,16 @@ def _forward_step(cfg: GRPOConfig, pg, scale: float, data_iterator, model):
     return output, partial(grpo_loss_func, batch, cfg, pg, scale, model)
 
 
+def _padding_stats(plan: list, rollouts: Sequence[Rollout]) -> dict:
+    """This replica's positions per forward pass over the plan, their padded share, and the share of
+    the positions that packing every forwarded row to the step's longest rollout would cost saved."""
+    packed = sum(p.packed_tokens for p in plan)
+    real = sum(p.real_tokens for p in plan)
+    whole_step = sum(len(p.rows) for p in plan) * (max(r.tokens.numel() for r in rollouts) - 1)
+    return {"packed_tokens": packed, "padded_token_share": 1.0 - real / packed if packed else 0.0,
+            "padding_saved_share": 1.0 - packed / whole_step if whole_step else 0.0}
+
+
 # ---- orchestration -------------------------------------------------------------------------------
 class GRPOStep:
     """One RL step on this data-parallel replica's rollouts.
@@ -211,8 +226,11 @@ class GRPOStep:
     dropped_group_share (zero-variance groups left out, over all replicas), num_updates and
     skipped_updates (minibatches with no group left anywhere), and this replica's reward_mean,
     advantage_abs_mean and response_length (entropy, kl, ... cover the kept rows only; NaN when
-    nothing was kept); `time` splits seconds into
-    prepare / reference / update (generation is timed by the caller).
+    nothing was kept); this replica's micro-batch plan: packed_tokens (positions one forward pass
+    over it computes), padded_token_share (their share that is padding) and padding_saved_share (the
+    share of the positions that packing every forwarded row to the step's longest rollout would
+    compute that the plan saves); `time` splits seconds into prepare (including the plan) /
+    reference / update (generation is timed by the caller).
     """
 
     def __init__(self, policy_chunks: list, optimizer, pg, cfg: Optional[GRPOConfig] = None,
@@ -237,7 +255,7 @@ class GRPOStep:
             data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
             model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(microbatches),
-            seq_length=microbatches[0]["tokens"].shape[1],
+            seq_length=forward_seq_length(microbatches, self.pg.pp.size()),
             micro_batch_size=microbatches[0]["tokens"].shape[0],
             forward_only=False,
         )
@@ -275,22 +293,12 @@ class GRPOStep:
         # groups over all replicas (a group lives on one replica; every rank of a replica has the same rows)
         counts = torch.tensor([float(len(set(gids))), float(len(flat))], dtype=torch.float64)
         torch.distributed.all_reduce(counts, group=pg.dp)
-        batch = pack_rollouts(rollouts, cfg.pad_id)
-        batch["advantages"] = adv
-        times["prepare"] = time.perf_counter() - t0
-
-        # Each micro-batch's forward computes logits only from its first sampled position on, and
-        # only with the head that scores its sampled tokens (rl/logprobs.py scored_span).
+        # One micro-batch plan for the whole step (rl/microbatches.py): the reference recompute and
+        # every update of every epoch run on the same packed micro-batches. Each forward computes
+        # logits only from its first sampled position on, and only with the head that scores its
+        # sampled tokens (rl/logprobs.py scored_span).
         text_vocab = _unwrap(self.policy[0]).model_cfg.text_vocab_size
-
-        t0 = time.perf_counter()
-        if cfg.kl_beta > 0:
-            mbs = split_microbatches(batch, cfg.micro_batch_size)
-            spans = [scored_span(m, text_vocab) for m in mbs]
-            batch["ref_logprobs"] = compute_logprobs(self.ref, pg, mbs, spans).cpu()
-        times["reference"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
+        one_length = pg.pp.size() > 1 or len(self.policy) > 1
         device = _device(self.policy)
         plan = []
         for rows in parts:
@@ -298,20 +306,27 @@ class GRPOStep:
             kept_anywhere = torch.tensor([float(n_kept)], dtype=torch.float64)
             torch.distributed.all_reduce(kept_anywhere, group=pg.dp_cp)
             if kept_anywhere.item() > 0:  # else every replica skips this update (no optimizer step)
-                plan.append(used)
+                part = plan_part(rollouts, used, keep, adv, cfg.micro_batch_size, pad_id=cfg.pad_id,
+                                 text_vocab_size=text_vocab, one_length=one_length, device=device)
+                weights = microbatch_loss_weights([m["action_mask"] for m in part.microbatches],
+                                                  cfg.loss_aggregation, pg.dp_cp)
+                for m, w in zip(part.microbatches, weights):
+                    m["loss_weight"] = w
+                plan.append(part)
+        times["prepare"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if cfg.kl_beta > 0:  # one reference forward per part, on the update's own micro-batches
+            for part in plan:
+                for m, lp in zip(part.microbatches, compute_logprobs(self.ref, pg, part.microbatches)):
+                    m["ref_logprobs"] = lp
+        times["reference"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         updates = []
         for _ in range(cfg.ppo_epochs):
-            for used in plan:
-                cpu_part = {k: v[used] for k, v in batch.items()}
-                cpu_part["action_mask"] = cpu_part["action_mask"] * torch.tensor(
-                    [float(keep[i]) for i in used]).unsqueeze(-1)  # dropped rows padding a micro-batch weigh 0
-                spans = [scored_span(m, text_vocab) for m in split_microbatches(cpu_part, cfg.micro_batch_size)]
-                part = _to(cpu_part, device)
-                part["loss_weight"] = loss_weights(part["action_mask"], cfg.loss_aggregation, pg.dp_cp)
-                mbs = split_microbatches(part, cfg.micro_batch_size)
-                for m, span in zip(mbs, spans):
-                    m.update(span)
-                updates.append(self._update(mbs))
+            for part in plan:
+                updates.append(self._update(part.microbatches))
         times["update"] = time.perf_counter() - t0
 
         n_groups, n_dropped = counts.tolist()
@@ -320,7 +335,7 @@ class GRPOStep:
             "dropped_groups": n_dropped, "dropped_group_share": n_dropped / max(n_groups, 1.0),
             "num_updates": len(updates), "skipped_updates": (len(parts) - len(plan)) * cfg.ppo_epochs,
             "reward_mean": rewards.mean().item(), "advantage_abs_mean": adv.abs().mean().item(),
-            "response_length": lengths.mean().item(), "time": times,
+            "response_length": lengths.mean().item(), **_padding_stats(plan, rollouts), "time": times,
         }
         if not updates:  # every group of the step had zero variance: nothing was trained
             nan = float("nan")

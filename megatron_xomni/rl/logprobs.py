@@ -100,17 +100,33 @@ def scored_span(batch: dict, text_vocab_size: int) -> dict:
     return {"logits_from": start, "only_head": head}
 
 
-def compute_logprobs(chunks: list, pg, microbatches: list[dict], spans: Optional[list[dict]] = None) -> torch.Tensor:
-    """Log-probs [N, seq] of every micro-batch's `labels` (no grad), the same on every rank of the replica.
+def forward_seq_length(microbatches: Sequence[dict], pp_size: int) -> int:
+    """The `seq_length` a forward_backward call over these micro-batches takes.
 
-    With `spans` (`scored_span` of each micro-batch) only the sampled positions are exact: positions before
-    `logits_from` and targets of the skipped head are 0.
+    Without pipeline parallelism megatron-core ignores it and every micro-batch keeps its own length;
+    with it, it sets the p2p tensor shapes, so all micro-batches of the call must share one length.
+    """
+    lengths = {m["tokens"].shape[1] for m in microbatches}
+    if pp_size > 1 and len(lengths) > 1:
+        raise ValueError(f"pipeline parallelism needs one sequence length per forward_backward call, got "
+                         f"{sorted(lengths)}: pack the call's micro-batches to one length (pack_rollouts length=)")
+    return max(lengths)
+
+
+def compute_logprobs(chunks: list, pg, microbatches: list[dict], spans: Optional[list[dict]] = None) -> list[torch.Tensor]:
+    """Log-probs [b, s] of each micro-batch's `labels` (no grad, on the device), the same on every rank of
+    the replica; micro-batches may differ in length without pipeline parallelism.
+
+    With spans (`spans`, or the `logits_from` / `only_head` keys `scored_span` put in a micro-batch) only
+    the sampled positions are exact: positions before `logits_from` and targets of the skipped head are 0.
     """
     device = _device(chunks)
-    mbs = [_to({k: m[k] for k in ("tokens", "labels", "position_ids")}, device) for m in microbatches]
-    for m, span in zip(mbs, spans or []):
-        m.update(span)
-    seq = mbs[0]["tokens"].shape[1]
+    mbs = []
+    for j, m in enumerate(microbatches):
+        b = _to({k: m[k] for k in ("tokens", "labels", "position_ids")}, device)
+        b.update(spans[j] if spans else {k: m[k] for k in ("logits_from", "only_head") if k in m})
+        mbs.append(b)
+    seq = forward_seq_length(mbs, pg.pp.size())
 
     def step(data_iterator, model):
         b = next(data_iterator)
@@ -142,9 +158,12 @@ def compute_logprobs(chunks: list, pg, microbatches: list[dict], spans: Optional
     finally:
         for c, t in zip(chunks, was_training):
             c.train(t)
+    if pg.pp.size() == 1:
+        return list(store)
+    # One length under PP (checked above): one broadcast of all micro-batches from the last stage.
+    rows = [m["tokens"].shape[0] for m in mbs]
     local = torch.cat(list(store), 0) if store else None
-    n = sum(m["tokens"].shape[0] for m in mbs)
-    return broadcast_from_last_stage(local, (n, mbs[0]["tokens"].shape[1]), pg, device)
+    return list(broadcast_from_last_stage(local, (sum(rows), seq), pg, device).split(rows))
 
 
 @torch.no_grad()

@@ -293,7 +293,7 @@ class GRPOTrainer:
             "grpo/loss": stats["loss"], "grpo/kl": stats["kl"], "grpo/clip_fraction": stats["clip_fraction"],
             "grpo/entropy": stats["entropy"], "grpo/response_length": stats["response_length"],
             "grpo/dropped_group_share": stats["dropped_group_share"], "grpo/dropped_groups": stats["dropped_groups"],
-            "grpo/skipped_updates": stats["skipped_updates"],
+            "grpo/skipped_updates": stats["skipped_updates"], "grpo/padded_token_share": stats["padded_token_share"],
             "time/rollout": t_rollout, "time/decode_and_reward": t_decode,
             "time/logprob": times.get("reference", 0.0) + times.get("prepare", 0.0), "time/update": times.get("update", 0.0),
             "perf/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),

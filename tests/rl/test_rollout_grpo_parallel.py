@@ -155,7 +155,7 @@ def _rank(rank, world, root, layout, is_reference):
 
     rollouts = img[True]
     mbs = split_microbatches(pack_rollouts(rollouts), 1)
-    lp = compute_logprobs(policy, pg, mbs)
+    lp = torch.cat(compute_logprobs(policy, pg, mbs))
     diffs = []
     for i, r in enumerate(rollouts):
         s = r.prompt_length - 1
