@@ -16,7 +16,9 @@ in CPU seconds of this process (the latter leaves out time the scheduler gives t
   - text, greedy: fast path / megatron-core KV-cache path / `Qwen2ForCausalLM.generate` with eager
     and with sdpa attention (ratios use the faster of the two);
   - image h*w codes, min-p 0.03 at T=1: fast / megatron-core / generate + image-code mask (eager, sdpa);
-  - image with CFG (scale 3): fast / megatron-core (transformers has no batched peer for it).
+  - image with CFG (scale 3): fast / megatron-core (transformers has no batched peer for it);
+  - text and image: the fast path with its small-row GEMM kernel switched off (`kernels.small_gemm`,
+    oneDNN / MKL only), to show what the kernel adds.
 The fast path compiles nothing (no torch.compile), so the warm-up round hides no compile time.
 transformers runs with megatron_xomni's CPU TorchFunctionMode suspended (its native speed).
 Throughput = generated tokens (all rows) / seconds. Results: benchmarks/RESULTS.md.
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     from megatron_xomni.conversion.convert import convert_megatron_to_hf
     from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
     from megatron_xomni.inference.sampling import SamplingConfig
+    from megatron_xomni.kernels import small_gemm
     from megatron_xomni.parallel import destroy_parallel
 
     tmp = tempfile.mkdtemp(prefix="rollout_bench_")
@@ -197,6 +200,18 @@ def main(argv=None) -> int:
             (f"image {h}x{w}, CFG 3: megatron-core KV cache", "image", lambda: generate_images(
                 chunks, pg, rows, (h, w), 0, cfg(False, minp, cfg_scale=3.0), uncond_prompt=uncond)),
         ]
+    def without_kernel(fn):
+        def run():
+            small_gemm.set_enabled(False)
+            try:
+                return fn()
+            finally:
+                small_gemm.set_enabled(True)
+        return run
+
+    n_base = len(runs)
+    runs += [("text, greedy: fast path, no small_gemm kernel", "text", without_kernel(runs[0][2])),
+             (f"image {h}x{w}, min-p: fast path, no small_gemm kernel", "image", without_kernel(runs[4][2]))]
     times, cpu, outs = _median_times([r[2] for r in runs], args.repeats)
     n_tok = {"text": args.batch * args.new_tokens, "image": args.batch * h * w}
 
@@ -206,6 +221,7 @@ def main(argv=None) -> int:
         return torch.stack([r.tokens[args.prompt_len:args.prompt_len + (h * w if r.codes is not None else args.new_tokens)]
                             for r in out])
 
+    print(f"small_gemm kernel: {small_gemm.why_unavailable() or 'in use (rows <= %d, one thread)' % small_gemm.MAX_ROWS}")
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} + {args.image_vocab} codes; "
           f"batch {args.batch}, prompt {args.prompt_len}, threads {torch.get_num_threads()}, "
           f"median of {args.repeats} rounds")
@@ -218,7 +234,8 @@ def main(argv=None) -> int:
         line = (f"{label}  text: fast / transformers {hf_t / ts[0]:.2f}x, fast / megatron-core {ts[1] / ts[0]:.2f}x, "
                 f"megatron-core / transformers {hf_t / ts[1]:.2f}x | image: fast / transformers {hf_i / ts[4]:.2f}x, "
                 f"fast / megatron-core {ts[5] / ts[4]:.2f}x, megatron-core / transformers {hf_i / ts[5]:.2f}x")
-        print(line + ("" if args.no_cfg else f" | CFG: fast / megatron-core {ts[9] / ts[8]:.2f}x"))
+        print(line + ("" if args.no_cfg else f" | CFG: fast / megatron-core {ts[9] / ts[8]:.2f}x")
+              + f" | kernel gain: text {ts[n_base] / ts[0]:.2f}x, image {ts[n_base + 1] / ts[4]:.2f}x")
     agree = lambda a, b: (gen(a) == gen(b)).float().mean().item()
     print(f"greedy token agreement: fast vs transformers {agree(outs[0], outs[2]):.4f}, "
           f"fast vs megatron-core {agree(outs[0], outs[1]):.4f}; image tokens fast vs megatron-core "

@@ -1,7 +1,7 @@
 """The floor rule as a test: every module of the package imports only from its own floor or below.
 
 Floors (docs: README "Package layout"; /work/shared/reference/house.md):
-  1  device, cpu_compat, checkpointing, safe_loading, dataclass_utils, file_checks, parallel/, world/
+  1  device, cpu_compat, checkpointing, safe_loading, dataclass_utils, file_checks, parallel/, world/, kernels/
   2  data/, evaluation/ (scorers and benchmark loaders)
   3  models/, rewards/
   4  training/, inference/, conversion/
@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megatron_xomni"
 
 FLOORS = {
     1: ["device", "cpu_compat", "checkpointing", "safe_loading", "dataclass_utils", "file_checks", "parallel",
-        "world", ""],  # "" = the package root itself
+        "world", "kernels", ""],  # "" = the package root itself
     2: ["data", "evaluation"],
     3: ["models", "rewards"],
     4: ["training", "inference", "conversion"],

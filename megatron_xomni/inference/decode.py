@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from megatron.core.utils import unwrap_model
 
 from megatron_xomni import cpu_compat
+from megatron_xomni.kernels import small_gemm
 from megatron_xomni.models.xomni import cpu_linear
 from megatron_xomni.models.xomni.layers import XOmniVisionLayer
 from megatron_xomni.models.xomni.norm import RMSNorm
@@ -54,12 +55,20 @@ TEXT, IMAGE = "text", "image"
 # with 8 rows, where the kernel is narrow). A prompt prefill (hundreds of rows) amortises the
 # weight's reorder and pays more for transposing the swapped product: 1.2-1.5x slower swapped
 # at 128-512 rows, measured, so the swap stops at 64 rows (a decode batch, CFG's doubled rows).
-# `cpu_linear.set_enabled(False)` sends every call to F.linear (MKL), as for the training linears.
+# With at most 16 rows (a decode step; CFG's doubled rows at batch 8) and one thread, the
+# `kernels.small_gemm` dot-product kernel reads the weight rows in place at 70-80 % of the FMA
+# peak: 1.2-3x oneDNN's dense call on these shapes (benchmarks/RESULTS.md); oneDNN wins from ~32
+# rows on. `cpu_linear.set_enabled(False)` sends every call to F.linear (MKL), as for the training
+# linears.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ w.T (+ b) for 2-D x, reading the parameter tensor as it is (no packed copy is kept)."""
     m = x.shape[0]
+    if cpu_linear.enabled():
+        y = small_gemm.linear(x, w, b)
+        if y is not None:
+            return y
     if (not cpu_linear.enabled() or x.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
             or m * w.numel() < cpu_linear.MIN_MACS):
         return F.linear(x, w, b)

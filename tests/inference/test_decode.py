@@ -164,21 +164,28 @@ def test_layout_fast_equals_reference(tp1, name, world, layout):
         assert [(s, t) for s, t, _ in results[0]["fast"][case]] == [(s, t) for s, t, _ in ref["fast"][case]], case
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: kernels.small_gemm takes rows <= 16
 @pytest.mark.parametrize("rows,fan_in,fan_out,bias", [
-    (3, 64, 48, True),      # tiny product: F.linear
-    (8, 256, 4096, False),  # oneDNN, weight as its weights operand
-    (16, 512, 1024, True),  # oneDNN with the operands swapped
+    (3, 64, 48, True),      # tiny product: F.linear (2 threads)
+    (8, 256, 4096, False),  # oneDNN, weight as its weights operand (2 threads)
+    (16, 512, 1024, True),  # oneDNN with the operands swapped (2 threads)
     (16, 1024, 512, False),
+    (32, 512, 1024, True),  # CFG's doubled rows at batch 16: oneDNN swapped either way
     (256, 256, 1024, True),  # prompt prefill: oneDNN, weight as its weights operand
 ])
-def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias):
+def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias, threads):
     from megatron_xomni.inference.decode import linear
 
     g = torch.Generator().manual_seed(rows + fan_in)
     x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
     b = torch.randn(fan_out, generator=g) if bias else None
     want = x.double() @ w.double().T + (0 if b is None else b.double())
-    got = linear(x, w, b)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
     assert got.shape == (rows, fan_out) and got.is_contiguous()
     # Outputs ~N(0, 1); fp32 accumulation errs by 0.4-3.5e-6 here (torch's F.linear: up to 1.4e-6).
     assert (got.double() - want).abs().max().item() <= 1e-5

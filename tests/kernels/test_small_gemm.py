@@ -1,0 +1,89 @@
+"""The small-row GEMM kernel against a float64 reference, and the decode path that uses it.
+
+Tolerance: the classical bound for a float32 dot product of length K, |fl(x.w) - x.w| <=
+gamma_K * sum|x_i w_i| with gamma_K = K u / (1 - K u), u = 2**-24, per output element. A wrong lane,
+a missed K tail, a dropped bias or a row/column mix-up misses it by orders of magnitude.
+"""
+
+import pytest
+import torch
+
+from megatron_xomni.kernels import small_gemm
+
+pytestmark = pytest.mark.skipif(not small_gemm.available(), reason=f"kernel unavailable: {small_gemm.why_unavailable()}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check(x, w, b):
+    y = small_gemm.linear(x, w, b)
+    assert y is not None
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    k = x.shape[1]
+    u = 2.0 ** -24
+    bound = (k * u / (1 - k * u)) * (x.double().abs() @ w.double().abs().T) + (0 if b is None else u * b.double().abs())
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-30).all(), f"max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
+    return err.max().item()
+
+
+@pytest.mark.parametrize("m", [1, 3, 7, 8, 9, 13, 16])
+@pytest.mark.parametrize("k,n", [(256, 384), (17, 5), (200, 257), (1, 2), (63, 1)])
+def test_matches_float64_bound(m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.1
+    b = torch.randn(n, generator=g)
+    _check(x, w, b)
+    _check(x, w, None)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("k,n", [(1031, 33), (1408, 20), (512, 3)])  # K blocks of 512 and a masked tail
+def test_wide_fan_in(m, k, n):
+    g = torch.Generator().manual_seed(m + k)
+    _check(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g))
+
+
+def test_strided_rows_and_weight_views():
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(12, 300, generator=g)
+    x = big[1:11:2, 20:276]  # rows 2 * 300 apart, an offset start
+    wfull = torch.randn(96, 256, generator=g)
+    w = wfull[32:64]  # a row block of a parameter, as a TP shard or the image head slice
+    assert x.stride() == (600, 1)
+    _check(x, w, None)
+
+
+def test_refuses_what_it_cannot_do():
+    x, w = torch.randn(4, 32), torch.randn(8, 32)
+    assert small_gemm.linear(torch.randn(17, 32), w) is None  # more rows than MAX_ROWS
+    assert small_gemm.linear(torch.randn(9, 512), torch.randn(8, 512)) is None  # oneDNN is faster there
+    assert small_gemm.linear(x.double(), w.double()) is None
+    assert small_gemm.linear(x.t().contiguous().t(), w) is None  # inner dimension strided
+    wg = w.clone().requires_grad_()
+    assert small_gemm.linear(x, wg) is None  # autograd recording: no backward here
+    with torch.no_grad():
+        assert small_gemm.linear(x, wg) is not None
+    torch.set_num_threads(2)
+    assert small_gemm.linear(x, w) is None  # single-threaded kernel: the thread pool's paths run
+    torch.set_num_threads(1)
+    small_gemm.set_enabled(False)
+    try:
+        assert small_gemm.linear(x, w) is None
+    finally:
+        small_gemm.set_enabled(True)
+
+
+def test_reads_the_current_weight_values():
+    """No cached or packed copy: an in-place update (an optimizer step) is seen by the next call."""
+    x, w = torch.randn(8, 64), torch.randn(40, 64)
+    before = small_gemm.linear(x, w)
+    w.mul_(-2.0)
+    torch.testing.assert_close(small_gemm.linear(x, w), -2.0 * before, rtol=0, atol=1e-5)
