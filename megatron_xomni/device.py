@@ -16,6 +16,7 @@ FP8 included). `transformer_engine_installed()` never imports Transformer Engine
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -57,6 +58,19 @@ def transformer_engine_usable() -> bool:
 
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with torch's intra-op pool at `n` threads, the previous count restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def resolve_dtype(dtype):

@@ -28,7 +28,6 @@ and `xomni_tokenize`: `python -m megatron_xomni.train tiny_tokenize corpus=... s
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -41,6 +40,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
+from megatron_xomni.device import torch_threads
 from megatron_xomni.data.sequence import FormatError, SequenceFormat, build_generation, build_understanding, qa_turns
 from megatron_xomni.training import faults
 from megatron_xomni.training.run import EXIT_OK, RunSection
@@ -400,7 +400,7 @@ def tokenize_corpus(cfg: TokenizeRunConfig) -> dict:
     try:
         if todo and cfg.workers == 1:
             worker = _ShardWorker(cfg, fmt, "cuda:0" if cfg.device == "cuda" else cfg.device)
-            with _torch_threads(cfg.threads_per_worker):
+            with torch_threads(cfg.threads_per_worker):
                 for n, i in enumerate(todo, 1):
                     markers[i] = tokenize_shard(worker, i, num_shards)
                     bar.update(reader.expected_counts[i] or 0)
@@ -417,18 +417,6 @@ def tokenize_corpus(cfg: TokenizeRunConfig) -> dict:
             f"{m} {summary['modes'][m]['documents']} docs / {summary['modes'][m]['tokens']} tokens" for m in modes))
         print(str(report))
     return summary
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _run_pool(cfg, fmt, todo, num_shards, markers, bar, expected_counts) -> None:

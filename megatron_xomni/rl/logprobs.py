@@ -12,7 +12,6 @@ Batches are dicts of [rows, seq] tensors built by `pack_rollouts`: inputs `token
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional, Sequence
 
 import torch

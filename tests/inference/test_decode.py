@@ -11,6 +11,7 @@ other layouts load), TP2, PP2.
 import pytest
 import torch
 
+from megatron_xomni.device import torch_threads
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.timeout(400)
@@ -180,12 +181,8 @@ def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias, threads):
     x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
     b = torch.randn(fan_out, generator=g) if bias else None
     want = x.double() @ w.double().T + (0 if b is None else b.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = linear(x, w, b)
-    finally:
-        torch.set_num_threads(before)
     assert got.shape == (rows, fan_out) and got.is_contiguous()
     # Outputs ~N(0, 1); fp32 accumulation errs by 0.4-3.5e-6 here (torch's F.linear: up to 1.4e-6).
     assert (got.double() - want).abs().max().item() <= 1e-5

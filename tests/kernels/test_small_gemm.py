@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from megatron_xomni.kernels import small_gemm
+from megatron_xomni.device import torch_threads as threads
 
 pytestmark = pytest.mark.skipif(not small_gemm.available(), reason=f"kernel unavailable: {small_gemm.why_unavailable()}")
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with threads(1):  # the kernel is single-threaded: with more threads linear() declines
+        yield
 
 
 def _check(x, w, b):
@@ -71,9 +70,8 @@ def test_refuses_what_it_cannot_do():
     assert small_gemm.linear(x, wg) is None  # autograd recording: no backward here
     with torch.no_grad():
         assert small_gemm.linear(x, wg) is not None
-    torch.set_num_threads(2)
-    assert small_gemm.linear(x, w) is None  # single-threaded kernel: the thread pool's paths run
-    torch.set_num_threads(1)
+    with threads(2):
+        assert small_gemm.linear(x, w) is None  # single-threaded kernel: the thread pool's paths run
     small_gemm.set_enabled(False)
     try:
         assert small_gemm.linear(x, w) is None

@@ -4,16 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_xomni.device import torch_threads as threads
+
 ADAPTER_DIM = 24  # deliberately not the tiny tokenizer's width: the decoder must not assume it
 
 
 @pytest.fixture(autouse=True)
 def _threads():
     # 2 cores shared with other jobs: one thread is fastest under contention (measured 10-60x).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with threads(1):
+        yield
 
 
 def tiny_cfg(variant: str = "image", **overrides):
