@@ -32,10 +32,12 @@ import torch.distributed as dist
 from megatron_xomni.dataclass_utils import check_numbers
 from megatron_xomni.training.checkpoint import CheckpointManager, DCPPayload
 from megatron_xomni.training.optim import OptimConfig
-from megatron_xomni.training.preemption import PreemptionSignal, end_of_step
-from megatron_xomni.training.run import EXIT_OK, EXIT_REQUEUE, InputError, RunSection, run_stage
+from megatron_xomni.training.preemption import PreemptionSignal
+from megatron_xomni.training.run import InputError, RunSection, run_stage
 from megatron_xomni.training.schedule import ScheduleConfig
-from megatron_xomni.training.siglip_vq_trainer import _device, _flat, _rank0, changed_settings, log0, publish
+from megatron_xomni.training.siglip_vq_trainer import (
+    _device, _rank0, log0, publish, refuse_changed_settings, run_with_evals,
+)
 
 FIXED_SECTIONS = ("model", "data", "seed")
 
@@ -190,7 +192,7 @@ class ContrastiveTrainer:
         self.ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill, layout={"world_size": world})
         resume = self.ckpt.latest()
         if resume is not None:
-            self._check_resume(resume)
+            refuse_changed_settings(self.ckpt, self.cfg, FIXED_SECTIONS, resume)
         single_process_env()
         self.pg = initialize_parallel(ParallelConfig(), cfg.seed)
         self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), _device()
@@ -224,15 +226,6 @@ class ContrastiveTrainer:
         log0(f"[{cfg.name}] SigLIP contrastive: {self.world} rank(s), global batch {cfg.data.batch_size}, "
              f"{sum(p.numel() for p in self.params) / 1e6:.2f}M params (ViT {t.width}x{t.num_layers}, patch "
              f"{t.patch_size})")
-
-    def _check_resume(self, path: Path) -> None:
-        saved, now = self.ckpt.saved_run_config() or {}, self.cfg.to_dict()
-        changed = changed_settings(saved, now, FIXED_SECTIONS)
-        old, new = _flat(saved), _flat(now)
-        if changed:
-            k = changed[0]
-            raise InputError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, not {new.get(k)!r}: resume "
-                             "with the saved values or use a new save_dir")
 
     def save(self) -> Path:
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "eval_before": self.eval_before}
@@ -301,20 +294,8 @@ class ContrastiveTrainer:
         return out
 
     def run(self) -> int:
-        cfg = self.cfg
-        if self.step == 0 and self.eval_set:
-            self.eval_before = self.evaluate("before")
-        self.ddp.train()
-        while self.step < cfg.steps:
-            out = self.train_step()
-            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                self.logger.log_step(self.step, out, [f"loss {out['train/loss']:.4f}", f"scale {out['train/scale']:.2f}",
-                                                      f"bias {out['train/bias']:.2f}", f"lr {out['train/lr']:.2e}"])
-            if end_of_step(self.step, cfg, self.preempt, self.save):
-                log0(f"[{cfg.name}] preemption signal received: saved at step {self.step}, exiting for requeue")
-                return EXIT_REQUEUE
-        self.export(self.evaluate("after") if self.eval_set else None)
-        return EXIT_OK
+        return run_with_evals(self, lambda out: [f"loss {out['train/loss']:.4f}", f"scale {out['train/scale']:.2f}",
+                                                 f"bias {out['train/bias']:.2f}", f"lr {out['train/lr']:.2e}"])
 
     def export(self, eval_after: dict | None) -> Path:
         """<save_dir>/export/{tokenizer, summary.json}, written to export.tmp and renamed."""

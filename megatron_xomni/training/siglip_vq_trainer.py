@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,32 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def run_with_evals(trainer, log_fields: Callable[[dict], list[str]],
+                   after_step: Optional[Callable[[dict, bool], None]] = None) -> int:
+    """The run loop of the SigLIP stages: evaluate before (a fresh run), train to `steps` logging every
+    `log_interval`, save + exit for requeue on a preemption signal, then evaluate after and export.
+
+    `trainer` has cfg, step, eval_set, eval_before, ddp, logger, preempt and train_step(), save(),
+    evaluate(when), export(eval_after); `after_step(out, logged)` runs after each step's logging.
+    """
+    cfg = trainer.cfg
+    if trainer.step == 0 and trainer.eval_set:
+        trainer.eval_before = trainer.evaluate("before")
+    trainer.ddp.train()
+    while trainer.step < cfg.steps:
+        out = trainer.train_step()
+        logged = trainer.step % cfg.log_interval == 0 or trainer.step == cfg.steps
+        if logged:
+            trainer.logger.log_step(trainer.step, out, log_fields(out))
+        if after_step is not None:
+            after_step(out, logged)
+        if end_of_step(trainer.step, cfg, trainer.preempt, trainer.save):
+            log0(f"[{cfg.name}] preemption signal received: saved at step {trainer.step}, exiting for requeue")
+            return EXIT_REQUEUE
+    trainer.export(trainer.evaluate("after") if trainer.eval_set else None)
+    return EXIT_OK
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -76,6 +102,17 @@ def changed_settings(saved: dict, now: dict, sections) -> list[str]:
     """Flattened keys of `sections` whose saved value differs from the current one (resume guard)."""
     old, new = _flat({k: saved.get(k) for k in sections}), _flat({k: now[k] for k in sections})
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def refuse_changed_settings(ckpt, cfg, sections, path: Path) -> None:
+    """Refuse, in one line, a resume from `path` whose saved run config differs in `sections` (no process
+    group needed)."""
+    saved, now = ckpt.saved_run_config() or {}, cfg.to_dict()
+    changed = changed_settings(saved, now, sections)
+    if changed:
+        k = changed[0]
+        raise InputError(f"checkpoint {path} was trained with {k}={_flat(saved).get(k)!r}, not {_flat(now).get(k)!r} "
+                         f"({len(changed)} such setting(s)): resume with the saved values or use a new save_dir")
 
 
 def publish(out: Path, write: Callable[[Path], None], what: str) -> Path:
@@ -118,7 +155,8 @@ class SiglipVQTrainer:
         self.ckpt = CheckpointManager(cfg.save_dir, cfg.keep_last, cfg.debug_kill, layout={"world_size": world})
         resume_path = self.ckpt.latest()
         if resume_path is not None:
-            self._check_resume(resume_path)
+            # Refuse a resume whose model, teacher or data settings differ.
+            refuse_changed_settings(self.ckpt, self.cfg, FIXED_SECTIONS, resume_path)
 
         single_process_env()  # `python -m megatron_xomni.train tiny_siglip_vq` without torchrun: a world of one
         self.pg = initialize_parallel(ParallelConfig(), cfg.seed)
@@ -214,16 +252,6 @@ class SiglipVQTrainer:
         return items
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def _check_resume(self, path: Path) -> None:
-        """Refuse a resume whose model, teacher or data settings differ (no process group yet)."""
-        saved, now = self.ckpt.saved_run_config() or {}, self.cfg.to_dict()
-        changed = changed_settings(saved, now, FIXED_SECTIONS)
-        old, new = _flat(saved), _flat(now)
-        if changed:
-            k = changed[0]
-            raise InputError(f"checkpoint {path} was trained with {k}={old.get(k)!r}, not {new.get(k)!r} "
-                             f"({len(changed)} such setting(s)): resume with the saved values or use a new save_dir")
-
     def _rank_state(self) -> dict:
         quant = self.trainee.tok.quantizer
         return {"quantizer": {n: getattr(quant, n).detach().cpu().clone() for n in QUANT_BUFFERS}}
@@ -327,30 +355,25 @@ class SiglipVQTrainer:
 
     # ---- loop ------------------------------------------------------------------------------
     def run(self) -> int:
-        cfg = self.cfg
-        if self.step == 0 and self.eval_set:
-            self.eval_before = self._evaluate("before")
-        self.ddp.train()
-        while self.step < cfg.steps:
-            out = self.train_step()
-            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                self.logger.log_step(self.step, out, [
-                    f"loss {out['train/loss']:.4f} (caption {out['train/caption_loss']:.4f}, vq {out['train/vq_loss']:.4f})",
-                    f"batch usage {out['train/batch_usage']:.3f} ppl {out['train/batch_perplexity']:.1f}",
-                    f"lr {out['train/lr']:.2e}", f"gnorm {out['train/grad_norm']:.3f}"])
-            elif "codebook/reseeded" in out:
-                self.logger.log(self.step, out)
-            if "codebook/reseeded" in out:
-                log0(f"[{cfg.name}] reseed at step {self.step}: window usage {out['codebook/window_usage']:.3f} "
-                     f"perplexity {out['codebook/window_perplexity']:.1f}; re-seeded {out['codebook/reseeded']:.0f} "
-                     "dead codes")
-            if end_of_step(self.step, cfg, self.preempt, self.save):
-                log0(f"[{cfg.name}] preemption signal received: saved at step {self.step}, exiting for requeue")
-                return EXIT_REQUEUE
-        self.export(self._evaluate("after") if self.eval_set else None)
-        return EXIT_OK
+        return run_with_evals(self, self._log_fields, self._after_step)
 
-    def _evaluate(self, when: str) -> dict:
+    @staticmethod
+    def _log_fields(out: dict) -> list[str]:
+        return [f"loss {out['train/loss']:.4f} (caption {out['train/caption_loss']:.4f}, vq {out['train/vq_loss']:.4f})",
+                f"batch usage {out['train/batch_usage']:.3f} ppl {out['train/batch_perplexity']:.1f}",
+                f"lr {out['train/lr']:.2e}", f"gnorm {out['train/grad_norm']:.3f}"]
+
+    def _after_step(self, out: dict, logged: bool) -> None:
+        """A step that re-seeded dead codes is logged (metrics and one line) even between log intervals."""
+        if "codebook/reseeded" not in out:
+            return
+        if not logged:
+            self.logger.log(self.step, out)
+        log0(f"[{self.cfg.name}] reseed at step {self.step}: window usage {out['codebook/window_usage']:.3f} "
+             f"perplexity {out['codebook/window_perplexity']:.1f}; re-seeded {out['codebook/reseeded']:.0f} "
+             "dead codes")
+
+    def evaluate(self, when: str) -> dict:
         d = self.cfg.data
         ev = evaluate(self.trainee, self.llm, self.text_tok, self.eval_set, d.max_qa_pairs, d.max_text_tokens,
                       self.cfg.eval.batch_size)
