@@ -13,7 +13,8 @@ network with plain tensor ops:
   the vocab-parallel embedding are all-reduced over `pg.tp`, the head logits all-gathered).
 - Static KV caches, preallocated per generation batch as one [rows, groups, max_len, dim] pair
   per layer, keys stored after RoPE (rotated once, not once per later step); RoPE angles come
-  from the chunk's own `rotary_pos_emb`.
+  from the chunk's own `rotary_pos_emb`. A decode step's attention reads the cache in place
+  (`kernels.small_gemm`'s batched products on CPU, SDPA elsewhere).
 - Only the head of the mode: the text head in text mode, the first `image_vocab_size` image-head
   rows in image mode (the spare slots the reference masks to -inf are not computed at TP=1).
   Vision blocks are skipped where they cannot matter (text-mode decode: new text positions keep
@@ -55,11 +56,12 @@ TEXT, IMAGE = "text", "image"
 # with 8 rows, where the kernel is narrow). A prompt prefill (hundreds of rows) amortises the
 # weight's reorder and pays more for transposing the swapped product: 1.2-1.5x slower swapped
 # at 128-512 rows, measured, so the swap stops at 64 rows (a decode batch, CFG's doubled rows).
-# With at most 16 rows (a decode step; CFG's doubled rows at batch 8) and one thread, the
-# `kernels.small_gemm` dot-product kernel reads the weight rows in place at 70-80 % of the FMA
-# peak: 1.2-3x oneDNN's dense call on these shapes (benchmarks/RESULTS.md); oneDNN wins from ~32
-# rows on. `cpu_linear.set_enabled(False)` sends every call to F.linear (MKL), as for the training
-# linears.
+# With at most 16 rows (a decode step; CFG's doubled rows at batch 8) and one thread,
+# `kernels.small_gemm` reads the weight rows in place: its dot-product tiles run at 70-80 % of the
+# FMA peak (1.2-3x oneDNN's dense call on these shapes), its broadcast form takes 9-16 rows at
+# fan-in > 256 (1.1x oneDNN's swapped call when the weights stream from DRAM); oneDNN wins from
+# ~32 rows on (benchmarks/RESULTS.md). `cpu_linear.set_enabled(False)` sends every call to
+# F.linear (MKL), as for the training linears, and attention to SDPA.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -76,6 +78,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
         y = torch.ops.mkldnn._linear_pointwise(w, x.contiguous(), None, "none", [], "").t().contiguous()
         return y if b is None else y + b
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row against its cached keys: q [R, g*G, 1, d], k/v [R, g, T, d] -> [R, g*G, 1, d].
+
+    Query head h reads KV group h // G (megatron-core's order). On one CPU thread in fp32 the
+    scores and the weighted sum run as `kernels.small_gemm`'s batched products on the cache as it
+    lies, with torch's softmax between: after the layers' weights have pushed the cache out of L3,
+    SDPA's flash kernel for CPU read it at ~1/3 of the stream rate (benchmarks/RESULTS.md).
+    """
+    rows, groups, _, d = k.shape
+    per_group = q.shape[1] // groups
+    qg = q.reshape(rows * groups, per_group, d)
+    # flatten(0, 1) of a cache narrowed along rows or positions is a view (no copy).
+    keys, values = k.flatten(0, 1), v.flatten(0, 1)
+    scores = small_gemm.bmm_nt(qg, keys) if cpu_linear.enabled() else None
+    if scores is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=per_group > 1)
+    probs = torch.softmax(scores.mul_(scale), dim=-1)
+    out = small_gemm.bmm_nn(probs, values)
+    return out.view(rows, groups * per_group, 1, d)
 
 
 def _rms_norm(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -214,9 +237,8 @@ class _Chunk:
             i = a - segs[0][0]
             kseg.select(2, start).copy_(k if whole else k.narrow(0, i, b - a))
             vseg.select(2, start).copy_(v if whole else v.narrow(0, i, b - a))
-            outs.append(F.scaled_dot_product_attention(
-                q if whole else q.narrow(0, i, b - a), kseg.narrow(2, 0, start + 1), vseg.narrow(2, 0, start + 1),
-                scale=L.scale, enable_gqa=G > 1))
+            outs.append(_attend_cached(q if whole else q.narrow(0, i, b - a), kseg.narrow(2, 0, start + 1),
+                                       vseg.narrow(2, 0, start + 1), L.scale))
         ctx = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return ctx.view(rows, g * G * d)
 

@@ -13,6 +13,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Weight rows stream from DRAM when the layers outgrow L3: the first tile of a pair prefetches
  * the rows PF ahead (2-32 measured on a 44 MB layer stack: 4-16 into L1 alike, 8 kept). */
@@ -23,7 +24,7 @@
 #define PF 8
 #endif
 
-int xomni_small_gemm_abi(void) { return 1; }
+int xomni_small_gemm_abi(void) { return 2; }
 
 /* v[q] -> one vector whose lane q is the sum of v[q]'s 16 lanes. */
 static inline __m512 reduce16(__m512 v[16]) {
@@ -122,4 +123,144 @@ void xomni_small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, 
       }
     }
   }
+}
+
+
+/* Batched NT: out[i] = x[i] @ w[i]^T for i < batch: a decode step's attention scores, the
+ * queries of one KV group against that group's cached keys (rows of w, read in place). The
+ * first rows of the next batch entry are prefetched: the cache streams from DRAM once the
+ * layers' weights have pushed it out of L3. */
+void xomni_small_bmm_nt(int64_t batch, const float* x, int64_t sx, int64_t ldx, const float* w, int64_t sw,
+                        int64_t ldw, float* out, int64_t so, int64_t ldo, int64_t M, int64_t N, int64_t K) {
+  for (int64_t i = 0; i < batch; i++) {
+    if (i + 1 < batch)
+      for (int64_t r = 0; r < 8 && r < N; r++) _mm_prefetch((const char*)(w + (i + 1) * sw + r * ldw), _MM_HINT_T0);
+    xomni_small_gemm(x + i * sx, ldx, w + i * sw, ldw, 0, out + i * so, ldo, M, N, K);
+  }
+}
+
+/* Batched NN: out[i] [M, D] = p[i] [M, T] @ v[i] [T, D]: attention's weighted sum of the cached
+ * values, read once per pair of rows as they lie (T rows of D floats), 2 rows x 128 columns of
+ * accumulators (16 zmm), a masked last vector for D not a multiple of 16. */
+static inline __attribute__((always_inline)) void nn_tile(const int MT, const float* p, int64_t ldp,
+    const float* v, int64_t ldv, float* out, int64_t ldo, int64_t T, int64_t nd, __mmask16 tail) {
+  __m512 acc[2][8];
+  for (int m = 0; m < 2; m++) for (int j = 0; j < 8; j++) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t++) {
+    const float* vr = v + t * ldv;
+    for (int j = 0; j < nd; j++) _mm_prefetch((const char*)(vr + 8 * ldv + 16 * j), _MM_HINT_T0);
+    __m512 pv[2];
+    for (int m = 0; m < MT; m++) pv[m] = _mm512_set1_ps(p[m * ldp + t]);
+    for (int j = 0; j < 8; j++) {
+      if (j >= nd) break;
+      __m512 vv = (j == nd - 1) ? _mm512_maskz_loadu_ps(tail, vr + 16 * j) : _mm512_loadu_ps(vr + 16 * j);
+      for (int m = 0; m < MT; m++) acc[m][j] = _mm512_fmadd_ps(pv[m], vv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; m++)
+    for (int j = 0; j < nd; j++) {
+      if (j == nd - 1) _mm512_mask_storeu_ps(out + m * ldo + 16 * j, tail, acc[m][j]);
+      else _mm512_storeu_ps(out + m * ldo + 16 * j, acc[m][j]);
+    }
+}
+
+void xomni_small_bmm_nn(int64_t batch, const float* p, int64_t sp, int64_t ldp, const float* v, int64_t sv,
+                        int64_t ldv, float* out, int64_t so, int64_t ldo, int64_t M, int64_t T, int64_t D) {
+  for (int64_t i = 0; i < batch; i++) {
+    const float* pi = p + i * sp;
+    const float* vi = v + i * sv;
+    float* oi = out + i * so;
+    for (int64_t d0 = 0; d0 < D; d0 += 128) {
+      const int64_t dn = D - d0 < 128 ? D - d0 : 128;
+      const int64_t nd = (dn + 15) / 16;
+      const __mmask16 tail = (dn & 15) ? (__mmask16)((1u << (dn & 15)) - 1u) : (__mmask16)0xFFFF;
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        if (M - m0 >= 2) nn_tile(2, pi + m0 * ldp, ldp, vi + d0, ldv, oi + m0 * ldo + d0, ldo, T, nd, tail);
+        else nn_tile(1, pi + m0 * ldp, ldp, vi + d0, ldv, oi + m0 * ldo + d0, ldo, T, nd, tail);
+      }
+    }
+  }
+}
+
+
+/* ---- 9-16 rows at fan-in > 256: the broadcast form --------------------------------------------
+ * out^T[n, 0:16] += w[n, k] * x^T[k, 0:16]: the (up to) 16 rows of x fill one vector, each weight
+ * element is broadcast into one FMA, 16 weight rows stream side by side (prefetched PFD rows
+ * ahead) and no horizontal reduction is needed. In a 4-layer decode stack whose weights stream
+ * from DRAM (hidden 512, 16 rows) it measured 2.8 ms per step vs oneDNN's 3.0-3.1 and the
+ * dot-product tiles' 3.5-3.9 (benchmarks/RESULTS.md); with weights in cache the dot-product
+ * tiles are faster (one load per FMA here), hence the split by fan-in in small_gemm.py. */
+#ifndef PFD
+#define PFD 32
+#endif
+
+/* In-register transpose: afterwards r[i] lane j holds what r[j] lane i held (4 block-swap
+ * stages: at block size h, row i's upper half trades places with row i + h's lower half). */
+static inline void transpose16(__m512 r[16]) {
+  for (int h = 8; h >= 1; h >>= 1) {
+    int lo[16], hi[16];
+    for (int j = 0; j < 16; j++) {
+      lo[j] = (j & h) ? 16 + j - h : j;
+      hi[j] = (j & h) ? 16 + j : j + h;
+    }
+    const __m512i ilo = _mm512_loadu_si512(lo), ihi = _mm512_loadu_si512(hi);
+    for (int i = 0; i < 16; i++) {
+      if (i & h) continue;
+      const __m512 a = r[i], b = r[i + h];
+      r[i] = _mm512_permutex2var_ps(a, ilo, b);
+      r[i + h] = _mm512_permutex2var_ps(a, ihi, b);
+    }
+  }
+}
+
+/* acc[i] = x^T-weighted sum over K of weight row i, for NB (<= 16) rows; pf: the rows PFD ahead. */
+static inline __attribute__((always_inline)) void bcast_block(const int NB, const float* xt, const float* w,
+    int64_t ldw, int64_t K, __m512 acc[16], const float* pf, int npf) {
+  for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const __m512 xv = _mm512_load_ps(xt + 16 * k);
+    if ((k & 15) == 0 && pf)
+      for (int i = 0; i < npf; i++) _mm_prefetch((const char*)(pf + i * ldw + k), _MM_HINT_T0);
+    for (int i = 0; i < NB; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(w[i * ldw + k]), xv, acc[i]);
+  }
+}
+
+/* x^T as 16 floats per k, 64-byte aligned: one buffer per thread, grown to the widest K seen
+ * (16 * K floats: 32 KiB at K = 512); kept for the process, like a library's scratch pad. */
+static __thread float* xt_buf;
+static __thread int64_t xt_cap;
+
+int xomni_small_gemm_bcast(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
+                           float* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
+  if (M < 1 || M > 16) return -1;
+  const int64_t need = 16 * ((K + 15) & ~(int64_t)15);
+  if (need > xt_cap) {
+    float* p = aligned_alloc(64, (size_t)need * sizeof(float));
+    if (!p) return -2;
+    free(xt_buf);
+    xt_buf = p;
+    xt_cap = need;
+  }
+  float* xt = xt_buf;
+  __m512 r[16];
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int kb = K - k0 < 16 ? (int)(K - k0) : 16;
+    const __mmask16 km = (__mmask16)((1u << kb) - 1u);
+    for (int m = 0; m < 16; m++) r[m] = m < M ? _mm512_maskz_loadu_ps(km, x + m * ldx + k0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < kb; j++) _mm512_store_ps(xt + 16 * (k0 + j), r[j]);
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int nb = N - n0 < 16 ? (int)(N - n0) : 16;
+    const int64_t ahead = n0 + PFD;
+    const float* pf = ahead < N ? w + ahead * ldw : 0;
+    const int npf = pf ? (N - ahead < 16 ? (int)(N - ahead) : 16) : 0;
+    if (nb == 16) bcast_block(16, xt, w + n0 * ldw, ldw, K, r, pf, npf);
+    else bcast_block(nb, xt, w + n0 * ldw, ldw, K, r, pf, npf);
+    transpose16(r);  /* r[m] lane i = out[m, n0 + i] */
+    const __mmask16 nm = (__mmask16)((1u << nb) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(nm, bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++) _mm512_mask_storeu_ps(out + m * ldo + n0, nm, _mm512_add_ps(r[m], bv));
+  }
+  return 0;
 }

@@ -1,4 +1,4 @@
-"""Build, load and call `small_gemm.c`: out = x @ w.T (+ b) in fp32 for a decode step's few rows.
+"""Build, load and call `small_gemm.c`: fp32 products of a decode step's few rows, x @ w.T (+ b).
 
 The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`/`gcc`)
 into a cache folder (`$XOMNI_KERNEL_CACHE`, else `~/.cache/megatron_xomni/kernels`) under a name
@@ -8,11 +8,14 @@ tensors' data pointers: no copy of the weight, no torch extension build (seconds
 
 `linear()` returns None whenever the kernel does not apply, and the caller runs its library path:
 no AVX-512 (torch's CPU capability), no compiler, `XOMNI_SMALL_GEMM=0`, `set_enabled(False)`,
-not fp32 / not CPU / inner dimension not contiguous, more rows than `rows_limit(K)` (measured in a
-4-layer decode stack: the kernel is 1.4-1.9x oneDNN at 8 rows, 1.4x at 16 rows of fan-in 256, but
-0.8-0.9x at 16 rows of fan-in >= 512, where oneDNN's swapped call streams the weight better; 1.0x
-at 32 rows), autograd recording (the kernel has no backward), or more than one torch
-thread (the kernel is single-threaded; the library paths use the thread pool).
+not fp32 / not CPU / inner dimension not contiguous, more than 16 rows (oneDNN is as fast from 32
+rows on), autograd recording (the kernels have no backward), or more than one torch thread (the
+kernels are single-threaded; the library paths use the thread pool). Measured in a 4-layer decode
+stack (benchmarks/RESULTS.md): the dot-product tiles are 1.4-1.9x oneDNN at 8 rows and 1.4x at 16
+rows of fan-in 256, but 0.8-0.9x at 16 rows of fan-in 512, where the weights stream from DRAM; there
+the broadcast form (`xomni_small_gemm_bcast`) is 1.1x oneDNN, so 9-16 rows at fan-in > 256 take it.
+
+`bmm_nt` / `bmm_nn` are the batched products of a decode step's attention over its KV cache.
 """
 
 from __future__ import annotations
@@ -34,13 +37,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-shared", "-fPIC"]
 MAX_ROWS = 16
+# Up to this many rows (or at fan-in <= DOT_FAN_IN) the dot-product tiles run; above it, the
+# broadcast form (one vector of up to 16 rows per FMA), which streams weights from DRAM better.
+DOT_ROWS, DOT_FAN_IN = 8, 256
 
-
-def rows_limit(fan_in: int) -> int:
-    """Most rows the kernel takes at this fan-in (where it measured faster than oneDNN)."""
-    return MAX_ROWS if fan_in <= 256 else 8
-
-_ABI = 1
+_ABI = 2
 
 _lib = None
 _why_not: Optional[str] = None  # set once the build was tried and failed / does not apply
@@ -92,11 +93,15 @@ def _load():
         lib = ctypes.CDLL(str(_build()))
         if lib.xomni_small_gemm_abi() != _ABI:
             raise RuntimeError("stale kernel build (ABI mismatch): clear the kernel cache")
-        fn = lib.xomni_small_gemm
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-        _lib = fn
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.xomni_small_gemm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64]
+        lib.xomni_small_gemm_bcast.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64]
+        lib.xomni_small_gemm_bcast.restype = ctypes.c_int
+        for name in ("xomni_small_bmm_nt", "xomni_small_bmm_nn"):
+            getattr(lib, name).argtypes = [i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64]
+        for name in ("xomni_small_gemm", "xomni_small_bmm_nt", "xomni_small_bmm_nn"):
+            getattr(lib, name).restype = None
+        _lib = lib
     except (OSError, RuntimeError) as e:
         _why_not = str(e)
         log.info("small_gemm kernel unavailable, decode linears use oneDNN/MKL: %s", e)
@@ -117,7 +122,7 @@ def why_unavailable() -> Optional[str]:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """x [M, K] @ w[N, K].T (+ b [N]) as a new [M, N] tensor, or None where the kernel does not apply."""
-    if not _enabled or x.dim() != 2 or x.shape[0] == 0 or x.shape[0] > rows_limit(x.shape[-1]):
+    if not _enabled or x.dim() != 2 or x.shape[0] == 0 or x.shape[0] > MAX_ROWS:
         return None
     if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
             or w.device.type != "cpu" or x.stride(1) != 1 or w.stride(1) != 1 or w.dim() != 2
@@ -127,12 +132,59 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
         return None
     if b is not None and (b.dtype != torch.float32 or b.dim() != 1 or b.shape[0] != w.shape[0] or b.stride(0) != 1):
         return None
-    fn = _lib if _lib is not None else _load()
-    if fn is None:
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
         return None
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    fn(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-       out.data_ptr(), n, m, n, k)
+    call = lib.xomni_small_gemm if m <= DOT_ROWS or k <= DOT_FAN_IN else lib.xomni_small_gemm_bcast
+    if call(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
+            out.data_ptr(), n, m, n, k):
+        raise MemoryError(f"small_gemm: no scratch for a {m}x{k} operand")
+    return out
+
+
+def _batched_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both fp32 CPU 3-D tensors with a contiguous last dimension, no autograd, one torch thread."""
+    return (_enabled and a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0] and a.shape[0] > 0
+            and a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+            and a.stride(2) == 1 and b.stride(2) == 1 and torch.get_num_threads() == 1
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
+
+
+def bmm_nt(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """x [B, M, K] @ w[B, N, K].transpose(1, 2) as a new [B, M, N] tensor, or None where it does not apply.
+
+    A decode step's attention scores: one KV group's queries against its cached keys, read as they
+    lie in the cache (any batch and row strides, e.g. a `narrow` of a static cache).
+    """
+    if not _batched_ok(x, w) or x.shape[2] != w.shape[2]:
+        return None
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return None
+    bsz, m, k = x.shape
+    n = w.shape[1]
+    out = torch.empty(bsz, m, n, dtype=torch.float32)
+    lib.xomni_small_bmm_nt(bsz, x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
+                           out.data_ptr(), m * n, n, m, n, k)
+    return out
+
+
+def bmm_nn(p: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """p [B, M, T] @ v [B, T, D] as a new [B, M, D] tensor, or None where it does not apply.
+
+    A decode step's weighted sum of cached values (v read in place, any batch and row strides).
+    """
+    if not _batched_ok(p, v) or p.shape[2] != v.shape[1]:
+        return None
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return None
+    bsz, m, t = p.shape
+    d = v.shape[2]
+    out = torch.empty(bsz, m, d, dtype=torch.float32)
+    lib.xomni_small_bmm_nn(bsz, p.data_ptr(), p.stride(0), p.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                           out.data_ptr(), m * d, d, m, t, d)
     return out

@@ -169,7 +169,7 @@ def test_layout_fast_equals_reference(tp1, name, world, layout):
 @pytest.mark.parametrize("rows,fan_in,fan_out,bias", [
     (3, 64, 48, True),      # tiny product: F.linear (2 threads)
     (8, 256, 4096, False),  # oneDNN, weight as its weights operand (2 threads)
-    (16, 512, 1024, True),  # oneDNN with the operands swapped (2 threads)
+    (16, 512, 1024, True),  # oneDNN with the operands swapped (2 threads); the broadcast kernel (1)
     (16, 1024, 512, False),
     (32, 512, 1024, True),  # CFG's doubled rows at batch 16: oneDNN swapped either way
     (256, 256, 1024, True),  # prompt prefill: oneDNN, weight as its weights operand
@@ -186,6 +186,28 @@ def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias, threads):
     assert got.shape == (rows, fan_out) and got.is_contiguous()
     # Outputs ~N(0, 1); fp32 accumulation errs by 0.4-3.5e-6 here (torch's F.linear: up to 1.4e-6).
     assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: kernels.small_gemm's batched products
+@pytest.mark.parametrize("per_group,length", [(2, 40), (1, 1), (3, 17)])
+def test_cached_attention_matches_float64_reference(per_group, length, threads):
+    """One query per row against a narrowed static cache, query head h on KV group h // G."""
+    from megatron_xomni.inference.decode import _attend_cached
+
+    g = torch.Generator().manual_seed(per_group + length)
+    rows, groups, dim, max_len = 6, 2, 64, length + 9
+    q = torch.randn(rows, groups * per_group, 1, dim, generator=g)
+    kc, vc = (torch.randn(rows + 2, groups, max_len, dim, generator=g) for _ in range(2))
+    k, v = kc[1:rows + 1, :, :length], vc[1:rows + 1, :, :length]  # a row segment, the filled prefix
+    scale = dim ** -0.5
+    with torch_threads(threads):
+        got = _attend_cached(q, k, v, scale)
+    kk = k.double().repeat_interleave(per_group, dim=1)
+    vv = v.double().repeat_interleave(per_group, dim=1)
+    want = torch.softmax(q.double() @ kk.transpose(-1, -2) * scale, dim=-1) @ vv
+    assert got.shape == q.shape
+    # Outputs ~N(0, 1/length); float32 errs by < 1e-6 here, a wrong group or scale by > 1e-2.
+    assert (got.double() - want).abs().max().item() <= 2e-6
 
 
 def test_supports_only_the_local_spec():

@@ -50,6 +50,17 @@ def test_wide_fan_in(m, k, n):
     _check(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g))
 
 
+@pytest.mark.parametrize("m", [9, 12, 16])
+@pytest.mark.parametrize("k,n", [(257, 17), (512, 33), (1031, 16), (300, 1), (1408, 47)])
+def test_broadcast_form(m, k, n):
+    """9-16 rows at fan-in > 256 take the broadcast form: K and N tails, one row, bias or none."""
+    assert m > small_gemm.DOT_ROWS and k > small_gemm.DOT_FAN_IN
+    g = torch.Generator().manual_seed(7 * m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g)
+    _check(x, w, b)
+    _check(x, w, None)
+
+
 def test_strided_rows_and_weight_views():
     g = torch.Generator().manual_seed(3)
     big = torch.randn(12, 300, generator=g)
@@ -58,12 +69,14 @@ def test_strided_rows_and_weight_views():
     w = wfull[32:64]  # a row block of a parameter, as a TP shard or the image head slice
     assert x.stride() == (600, 1)
     _check(x, w, None)
+    wide = torch.randn(40, 700, generator=g)[3:35:2, 100:612]  # 16 rows for the broadcast form
+    assert wide.stride() == (1400, 1)
+    _check(wide, torch.randn(80, 800, generator=g)[10:60, 200:712], None)
 
 
 def test_refuses_what_it_cannot_do():
     x, w = torch.randn(4, 32), torch.randn(8, 32)
     assert small_gemm.linear(torch.randn(17, 32), w) is None  # more rows than MAX_ROWS
-    assert small_gemm.linear(torch.randn(9, 512), torch.randn(8, 512)) is None  # oneDNN is faster there
     assert small_gemm.linear(x.double(), w.double()) is None
     assert small_gemm.linear(x.t().contiguous().t(), w) is None  # inner dimension strided
     wg = w.clone().requires_grad_()
@@ -85,3 +98,41 @@ def test_reads_the_current_weight_values():
     before = small_gemm.linear(x, w)
     w.mul_(-2.0)
     torch.testing.assert_close(small_gemm.linear(x, w), -2.0 * before, rtol=0, atol=1e-5)
+
+
+def _bound(a, b):
+    """gamma_T * (|a| @ |b|): the float32 rounding bound of each element of a batched product."""
+    t = a.shape[-1]
+    u = 2.0 ** -24
+    return (t * u / (1 - t * u)) * (a.double().abs() @ b.double().abs())
+
+
+@pytest.mark.parametrize("groups,per_group,length,dim", [(2, 2, 33, 128), (3, 7, 9, 64), (1, 1, 1, 40), (2, 3, 70, 200)])
+def test_batched_products_on_a_cache_view(groups, per_group, length, dim):
+    """Attention's two products over a narrowed static cache: scores (NT) and values (NN)."""
+    g = torch.Generator().manual_seed(groups * 100 + length + dim)
+    rows, max_len = 5, length + 11
+    cache = torch.randn(rows * groups, max_len, dim, generator=g)
+    keys = cache.narrow(1, 0, length)  # batch stride max_len * dim, as decode reads its cache
+    q = torch.randn(rows * groups, per_group, dim, generator=g)
+    s = small_gemm.bmm_nt(q, keys)
+    assert s.shape == (rows * groups, per_group, length)
+    ref = q.double() @ keys.double().transpose(1, 2)
+    assert ((s.double() - ref).abs() <= _bound(q, keys.transpose(1, 2)) + 1e-30).all()
+    p = torch.softmax(s, dim=-1)
+    values = torch.randn(rows * groups, max_len, dim, generator=g).narrow(1, 0, length)
+    o = small_gemm.bmm_nn(p, values)
+    assert o.shape == (rows * groups, per_group, dim)
+    assert ((o.double() - p.double() @ values.double()).abs() <= _bound(p, values) + 1e-30).all()
+
+
+def test_batched_products_refuse_what_they_cannot_do():
+    a, b = torch.randn(3, 2, 16), torch.randn(3, 5, 16)
+    assert small_gemm.bmm_nt(a, b) is not None
+    assert small_gemm.bmm_nt(a, torch.randn(4, 5, 16)) is None  # batch sizes differ
+    assert small_gemm.bmm_nt(a.double(), b.double()) is None
+    assert small_gemm.bmm_nt(a, b.transpose(1, 2).contiguous().transpose(1, 2)) is None  # strided inner dim
+    assert small_gemm.bmm_nn(torch.randn(3, 2, 5), torch.randn(3, 4, 16)) is None  # T differs
+    with threads(2):
+        assert small_gemm.bmm_nn(torch.randn(3, 2, 5), b) is None
+    assert small_gemm.bmm_nt(a.requires_grad_(), b) is None
