@@ -6,7 +6,9 @@ Sections (each one timed and fenced: an error is recorded and the next section s
            read + written): the measured ceilings the other sections are compared with.
   decode   the lean decode path (inference/decode.py) on a ~1B X-Omni model (local spec, bf16):
            one image-mode decode step at batch 64 (the fastest of 3 rollouts at each of two lengths;
-           their difference removes the prefill) against the roofline: bytes a step must read
+           their difference removes the prefill), launched from Python, as fixed-shape steps, and
+           captured in a CUDA graph (`inference/cuda_graph.py`; tokens must equal the fixed-shape
+           steps'), against the roofline: bytes a step must read
            (every layer's linear weights, the image head's code rows, the KV cache so far) over
            the measured copy bandwidth and over the nominal 4.8 TB/s. Then the peak memory of a
            whole image rollout (`generate_images`, 64 rows, 1024 codes) against weights + KV cache.
@@ -149,29 +151,44 @@ def section_decode(ctx) -> dict:
     chunks = ctx["chunks"]
     for c in chunks:
         c.eval()
-    engine = DecodeEngine(chunks, ctx["pg"])
     rows, p = s["batch"], s["prompt"]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.text_vocab_size, (rows, p), generator=g).to(dev)
     sampling = SamplingConfig(temperature=1.0, min_p=0.03)
-
-    def run(steps):
-        return lambda: engine.generate(prompts, sample_generators(0, range(rows)), mode="image", steps=steps,
-                                       stop_id=None, sampling=sampling)
-
     short, long_ = s["steps"]
-    t_short = clock.fastest(run(short), reps=3)
-    t_long = clock.fastest(run(long_), reps=3)
-    step = (t_long - t_short) / (long_ - short)
     elem = torch.finfo(ctx["dtype"]).bits // 8
     need = decode_step_bytes(cfg, elem, rows, p + (short + long_) / 2)  # mean cache length of the timed steps
     bw = ctx["peaks"].get("copy_tbs") if ctx.get("peaks") else None
-    out = {"rows": rows, "prompt": p, "steps_timed": [short, long_], "step_s": step, "bytes": need,
+    out = {"rows": rows, "prompt": p, "steps_timed": [short, long_], "bytes": need,
            "roofline_s_measured_bw": need["total"] / (bw * 1e12) if bw else None,
            "roofline_s_nominal_bw": need["total"] / (NOMINAL_HBM_TBS * 1e12)}
-    if out["roofline_s_measured_bw"]:
-        out["x_roofline_measured_bw"] = step / out["roofline_s_measured_bw"]
-    out["x_roofline_nominal_bw"] = step / out["roofline_s_nominal_bw"]
+
+    def step_time(kind):
+        """Seconds per decode step with DecodeEngine(steps=kind), and the long run's tokens."""
+        engine = DecodeEngine(chunks, ctx["pg"], steps=kind)
+
+        def run(steps):
+            return lambda: engine.generate(prompts, sample_generators(0, range(rows)), mode="image", steps=steps,
+                                           stop_id=None, sampling=sampling)
+
+        t_short = clock.fastest(run(short), reps=3)
+        t_long = clock.fastest(run(long_), reps=3)
+        return (t_long - t_short) / (long_ - short), run(long_)()[0]
+
+    # The step as Python launches it, then fixed-shape steps eagerly and captured in a CUDA graph
+    # (on the CPU dry run the graph is replaced by the eager static step: same code up to capture).
+    kinds = [("dynamic", "step_s"), ("static", "step_s_static"),
+             ("cuda_graph" if dev.type == "cuda" else "static", "step_s_graph")]
+    tokens = {}
+    for kind, key in kinds:
+        out[key], tokens[key] = step_time(kind)
+    # The graph replays the static step's kernels: the same tokens bit for bit.
+    out["graph_tokens_equal_static"] = bool(torch.equal(tokens["step_s_graph"], tokens["step_s_static"]))
+    out["static_tokens_agree_dynamic"] = (tokens["step_s_static"] == tokens["step_s"]).float().mean().item()
+    for key, suffix in (("step_s", ""), ("step_s_graph", "_graph")):
+        if out["roofline_s_measured_bw"]:
+            out["x_roofline_measured_bw" + suffix] = out[key] / out["roofline_s_measured_bw"]
+        out["x_roofline_nominal_bw" + suffix] = out[key] / out["roofline_s_nominal_bw"]
 
     # Peak memory of a whole image rollout (prefill + h*w codes) against weights + KV cache.
     h, w = s["grid"]
@@ -329,6 +346,11 @@ def table(res: dict) -> str:
         f"roofline {_fmt(None if d.get('roofline_s_measured_bw') is None else d['roofline_s_measured_bw'] * 1e3, ' ms')} "
         f"(measured copy bw): {_fmt(d.get('x_roofline_measured_bw'), 'x')}; vs nominal {NOMINAL_HBM_TBS} TB/s: "
         f"{_fmt(d.get('x_roofline_nominal_bw'), 'x')} (target <= 1.5x)",
+        f"decode  CUDA graph: {_fmt(None if d.get('step_s_graph') is None else d['step_s_graph'] * 1e3, ' ms/step')} "
+        f"(static eager {_fmt(None if d.get('step_s_static') is None else d['step_s_static'] * 1e3, ' ms')}): "
+        f"{_fmt(d.get('x_roofline_measured_bw_graph'), 'x')} measured-bw roofline, "
+        f"{_fmt(d.get('x_roofline_nominal_bw_graph'), 'x')} nominal; tokens graph == static: "
+        f"{d.get('graph_tokens_equal_static')}, static vs dynamic agree {_fmt(d.get('static_tokens_agree_dynamic'))}",
         f"rollout {r.get('rows')} x {r.get('codes')} codes in {_fmt(r.get('seconds'), ' s')}: peak "
         f"{_fmt(None if r.get('peak_bytes') is None else r['peak_bytes'] / gib, ' GiB')} vs weights "
         f"{_fmt(None if r.get('weights_bytes') is None else r['weights_bytes'] / gib, ' GiB')} + KV "

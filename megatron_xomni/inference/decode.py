@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from megatron.core.utils import unwrap_model
 
 from megatron_xomni import cpu_compat
+from megatron_xomni.inference.cuda_graph import GraphedStep
 from megatron_xomni.kernels import small_gemm
 from megatron_xomni.models.xomni import cpu_linear
 from megatron_xomni.models.xomni.layers import XOmniVisionLayer
@@ -149,9 +150,12 @@ class _Chunk:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
-    def allocate(self, rows: int, max_len: int, device) -> None:
-        self.k = [torch.empty(rows, L.groups, max_len, L.dim, dtype=self.dtype, device=device) for L in self.layers]
-        self.v = [torch.empty_like(k) for k in self.k]
+    def allocate(self, rows: int, max_len: int, device, zeroed: bool = False) -> None:
+        """zeroed: for steps that attend over the whole cache under a mask (a masked position's
+        weight is 0, and 0 * NaN from uninitialised memory would still be NaN)."""
+        new = torch.zeros if zeroed else torch.empty
+        self.k = [new(rows, L.groups, max_len, L.dim, dtype=self.dtype, device=device) for L in self.layers]
+        self.v = [new(rows, L.groups, max_len, L.dim, dtype=self.dtype, device=device) for L in self.layers]
 
     def rope_tables(self, max_len: int):
         """(cos, signed sin) [max_len, dim] with rope(x) = x * cos + roll(x, dim/2) * signed_sin.
@@ -242,14 +246,38 @@ class _Chunk:
         ctx = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return ctx.view(rows, g * G * d)
 
-    def layers_forward(self, x: torch.Tensor, n: int, segs, cos, ssin, image_mask, run_vision: bool):
-        """x [rows*n, hidden] of the cache rows in `segs` through this chunk's layers."""
+    def _attention_static(self, li: int, L: _Layer, qkv: torch.Tensor, pos, visible, cos, ssin) -> torch.Tensor:
+        """The decode step with every shape fixed, for a CUDA graph: each row writes its key and value
+        at its own position (`pos` [R], a device tensor) and attends over the whole cache under
+        `visible` [R, 1, 1, max_len] (positions up to its own). A KV group's G query heads are the
+        G queries of one attention head (no GQA expansion of the cache)."""
+        g, G, d = L.groups, L.per_group, L.dim
+        rows = qkv.shape[0]
+        qkv = qkv.view(rows, g, G + 2, d)
+        qk = qkv.narrow(2, 0, G + 1)
+        qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * ssin
+        slot = pos.view(rows, 1, 1, 1).expand(rows, g, 1, d)
+        self.k[li].scatter_(2, slot, qk.narrow(2, G, 1))
+        self.v[li].scatter_(2, slot, qkv.narrow(2, G + 1, 1))
+        ctx = F.scaled_dot_product_attention(qk.narrow(2, 0, G), self.k[li], self.v[li], attn_mask=visible,
+                                             scale=L.scale)
+        return ctx.reshape(rows, g * G * d)
+
+    def layers_forward(self, x: torch.Tensor, n: int, segs, cos, ssin, image_mask, run_vision: bool,
+                       static=None):
+        """x [rows*n, hidden] of the cache rows in `segs` through this chunk's layers.
+
+        static: (pos, visible) for a fixed-shape decode step (`_attention_static`), else None."""
         for li, L in enumerate(self.layers):
             if L.vision and not run_vision:
                 continue
             qkv = linear(_rms_norm(L.norm1, x), L.qkv_w, L.qkv_b)
-            att = (self._attention_step(li, L, qkv, segs, cos, ssin) if n == 1
-                   else self._attention(li, L, qkv, n, segs, cos, ssin))
+            if static is not None:
+                att = self._attention_static(li, L, qkv, *static, cos, ssin)
+            elif n == 1:
+                att = self._attention_step(li, L, qkv, segs, cos, ssin)
+            else:
+                att = self._attention(li, L, qkv, n, segs, cos, ssin)
             y = x + self._row_parallel(att, L.proj_w, L.proj_b)
             gu = linear(_rms_norm(L.norm2, y), L.fc1_w, L.fc1_b)
             out = y + self._row_parallel(L.act(gu.narrow(1, 0, L.ffn)) * gu.narrow(1, L.ffn, L.ffn),
@@ -288,7 +316,15 @@ class _Chunk:
 class DecodeEngine:
     """The lean forward of this rank's chunks in pipeline order, and a generation loop over it."""
 
-    def __init__(self, chunks: Sequence, pg):
+    STEPS = ("dynamic", "static", "cuda_graph")
+
+    def __init__(self, chunks: Sequence, pg, steps: str = "dynamic"):
+        """steps: how decode steps run. "dynamic" (the default): attention over each row's filled
+        cache prefix, positions as Python ints; "static": every shape fixed (`forward_static`),
+        eagerly; "cuda_graph": the static step captured once per generation batch and replayed
+        (CUDA, one pipeline stage)."""
+        if steps not in self.STEPS:
+            raise ValueError(f"steps={steps!r}: expected one of {', '.join(self.STEPS)}")
         models = [unwrap_model(c) for c in chunks]
         if models[0].config.sequence_parallel:
             raise ValueError("rollouts need sequence_parallel=False (a decode step has one token): "
@@ -303,6 +339,13 @@ class DecodeEngine:
         self.pp_ranks = torch.distributed.get_process_group_ranks(pg.pp) if self.pp > 1 else [0]
         self.order = [(v, r) for v in range(len(self.chunks)) for r in range(self.pp)]
         self.device = next(models[0].parameters()).device
+        if steps != "dynamic" and (self.pp > 1 or len(self.chunks) > 1):
+            raise ValueError(f"steps={steps!r} runs one pipeline stage and one model chunk (PP=1, no VPP): "
+                             f"use steps='dynamic' (RolloutConfig.decode_steps='dynamic') with pipeline parallelism")
+        if steps == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError("steps='cuda_graph' needs the model on a CUDA device: "
+                             "set RolloutConfig.decode_steps to 'static' or 'dynamic'")
+        self.steps = steps
 
     @staticmethod
     def supports(chunks: Sequence) -> bool:
@@ -318,7 +361,7 @@ class DecodeEngine:
 
     def allocate(self, rows: int, max_len: int) -> None:
         for c in self.chunks:
-            c.allocate(rows, max_len, self.device)
+            c.allocate(rows, max_len, self.device, zeroed=self.steps != "dynamic")
         self.cos, self.ssin = self.chunks[0].rope_tables(max_len)
 
     @torch.no_grad()
@@ -366,6 +409,21 @@ class DecodeEngine:
                 out = chunk.head(last, last_is_image, mode)
         return out
 
+    @torch.no_grad()
+    def forward_static(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
+        """One decode step [R, 1] -> logits [R, V_mode] with no Python-side shape or position: rows
+        at positions `pos` [R] (a device tensor), all of the mode's kind. What `decode_graph` captures.
+        One pipeline stage (TP any: its collectives are in the step)."""
+        chunk = self.chunks[0]
+        R = tokens.shape[0]
+        max_len = chunk.k[0].shape[2]
+        modality = IMAGE if mode == IMAGE else TEXT
+        cos, ssin = self.cos[pos].view(R, 1, 1, -1), self.ssin[pos].view(R, 1, 1, -1)
+        visible = (torch.arange(max_len, device=pos.device) <= pos.view(R, 1)).view(R, 1, 1, max_len)
+        x = chunk.embed(tokens, modality, None)
+        x = chunk.layers_forward(x, 1, None, cos, ssin, None, mode == IMAGE, static=(pos, visible))
+        return chunk.head(x, mode == IMAGE, mode)
+
     def generate(self, prompts: torch.Tensor, generators: list, *, mode: str, steps: int,
                  stop_id: Optional[int], sampling, cfg_scale: float = 1.0,
                  uncond: Optional[torch.Tensor] = None):
@@ -395,6 +453,8 @@ class DecodeEngine:
             out_u = self.forward(uncond.to(dev).unsqueeze(0).expand(b, -1), [(b, 2 * b, 0)], zeros, None, mode)
             segs.append((b, 2 * b, pu))
             pos = torch.cat([pos, torch.full((b,), pu, dtype=torch.long, device=dev)])
+        static_fn = lambda tokens, at: self.forward_static(tokens, at, mode)  # noqa: E731
+        static_step = static_fn if self.steps == "static" else None  # a GraphedStep once captured
         toks = torch.empty(b, steps, dtype=torch.long, device=dev)
         lps = torch.empty(b, steps, dtype=torch.float32, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -427,7 +487,12 @@ class DecodeEngine:
             if t == steps - 1:
                 break
             step_in = (tok if uncond is None else tok.repeat(2)).view(-1, 1)
-            out = self.forward(step_in, segs, pos, IMAGE if mode == IMAGE else TEXT, mode)
+            if self.steps == "cuda_graph" and static_step is None:
+                static_step = GraphedStep(static_fn, step_in, pos)
+            if static_step is not None:
+                out = static_step(step_in, pos)
+            else:
+                out = self.forward(step_in, segs, pos, IMAGE if mode == IMAGE else TEXT, mode)
             segs = [(a, c, s + 1) for a, c, s in segs]
             pos += 1
         if stop_id is None:

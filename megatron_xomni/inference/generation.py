@@ -58,6 +58,12 @@ class RolloutConfig:
     """With the KV cache: the lean decode path (`inference/decode.py`) over the same parameters
     (local-spec models; Transformer Engine layers run the reference); False runs megatron-core's
     forward with a StaticInferenceContext (the reference)."""
+    decode_steps: str = "dynamic"
+    """How the lean decode path runs its steps: "dynamic" (attention over each row's filled cache
+    prefix); "static" (every shape fixed: attention over the whole cache under a mask, positions
+    on the device; the eager form of the next); "cuda_graph" (the static step captured in a CUDA
+    graph once per generation batch and replayed: removes the per-kernel launch cost that
+    dominates small-model decode steps on GPU; CUDA, one pipeline stage)."""
 
     def validate(self) -> None:
         self.sampling.validate()
@@ -65,6 +71,8 @@ class RolloutConfig:
             raise ValueError(f"samples_per_prompt={self.samples_per_prompt} must be >= 1")
         if self.max_rows_per_forward < 1:
             raise ValueError(f"max_rows_per_forward={self.max_rows_per_forward} must be >= 1")
+        if self.decode_steps not in DecodeEngine.STEPS:
+            raise ValueError(f"decode_steps={self.decode_steps!r}: expected one of {', '.join(DecodeEngine.STEPS)}")
 
 
 @dataclass
@@ -186,7 +194,7 @@ def _generate_bucket(runner: PipelineRunner, prompts: torch.Tensor, sample_ids: 
                      steps: int, stop_id: Optional[int], cfg: RolloutConfig, uncond: Optional[torch.Tensor]):
     """Generate for equal-length prompts [b, p]. Returns (sampled [b, steps'], logprobs, n_sampled [b])."""
     if cfg.fast and cfg.use_kv_cache and DecodeEngine.supports(runner.chunks):
-        return DecodeEngine(runner.chunks, runner.pg).generate(
+        return DecodeEngine(runner.chunks, runner.pg, steps=cfg.decode_steps).generate(
             prompts, sample_generators(cfg.seed, sample_ids), mode=mode, steps=steps, stop_id=stop_id,
             sampling=cfg.sampling, cfg_scale=cfg.cfg_scale, uncond=uncond)
     mcfg = runner.chunks[0].model_cfg

@@ -29,6 +29,7 @@ from megatron_xomni.rl.decoder_noise import averaged_rewards
 from megatron_xomni.rl.grpo import GRPOConfig
 from megatron_xomni.rl.scoring import decode_and_score
 from megatron_xomni.data.image_grid import ImageGrid
+from megatron_xomni.inference.decode import DecodeEngine
 from megatron_xomni.training import faults
 from megatron_xomni.training.checkpoint import CheckpointManager, MegatronPayload
 from megatron_xomni.training.preemption import EXIT_REQUEUE, PreemptionSignal
@@ -57,6 +58,9 @@ class GRPORunConfig(RunSection):
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, min_p=0.03))
     group_size: int = 16
     """G: samples per prompt."""
+    decode_steps: str = "dynamic"
+    """How rollout decode steps run (RolloutConfig.decode_steps): "dynamic", "static", or
+    "cuda_graph" (GPU, PP=1: one CUDA graph per generation batch, replayed every step)."""
     prompts_per_step: int = 32
     """Prompts per step over all replicas (X-Omni's "batch 512" read as 32 prompts x G=16)."""
     image_height: int = 384
@@ -105,6 +109,12 @@ class GRPORunConfig(RunSection):
             raise ValueError(f"{local} rollouts per replica and minibatch are not a multiple of "
                              f"grpo.micro_batch_size={self.grpo.micro_batch_size}: set it to a divisor (e.g. group_size)")
         self.parallel.validate_for(self.model, world_size, decoding=True)
+        if self.decode_steps not in DecodeEngine.STEPS:
+            raise ValueError(f"decode_steps={self.decode_steps!r}: expected one of {', '.join(DecodeEngine.STEPS)}")
+        if self.decode_steps != "dynamic" and (self.parallel.pipeline_parallel > 1
+                                               or (self.parallel.virtual_pipeline_parallel or 1) > 1):
+            raise ValueError(f"decode_steps={self.decode_steps!r} runs one pipeline stage and one model chunk: "
+                             f"set decode_steps='dynamic' with pipeline parallelism")
         self.prompts.validate()
         self._check_rewards()
 
@@ -238,7 +248,8 @@ class GRPOTrainer:
         header, _, eom = image_block_ids(self.text_tok, fmt, torch.zeros(h, w, dtype=torch.long).numpy())
         prompts = [self.text_tok.encode(r["prompt"]) + header for r in rows]
         local_ids = [i - step * cfg.prompts_per_step for i in ids]  # ids within the step, global over DP
-        rcfg = RolloutConfig(sampling=cfg.sampling, samples_per_prompt=cfg.group_size, seed=cfg.seed * 100_003 + step)
+        rcfg = RolloutConfig(sampling=cfg.sampling, samples_per_prompt=cfg.group_size, seed=cfg.seed * 100_003 + step,
+                             decode_steps=cfg.decode_steps)
         rollouts = generate_images(self.chunks, self.pg, prompts, (h, w), eom, rcfg, prompt_ids=local_ids)
         return rollouts, rows, (h, w)
 

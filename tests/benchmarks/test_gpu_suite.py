@@ -55,6 +55,10 @@ def test_derived_figures_follow_from_measurements_and_formulas(result):
     assert d["roofline_s_measured_bw"] == pytest.approx((weights + kv) / (p["copy_tbs"] * 1e12))
     assert d["x_roofline_measured_bw"] == pytest.approx(d["step_s"] / d["roofline_s_measured_bw"])
     assert d["step_s"] > 0
+    # Fixed-shape steps (on the CPU the graph's stand-in is the same eager static step).
+    assert d["step_s_static"] > 0 and d["step_s_graph"] > 0
+    assert d["graph_tokens_equal_static"] is True and d["static_tokens_agree_dynamic"] == 1.0
+    assert d["x_roofline_nominal_bw_graph"] == pytest.approx(d["step_s_graph"] / d["roofline_s_nominal_bw"])
     r = d["rollout"]
     h, w = s["grid"]
     assert r["codes_ok"] and r["codes"] == h * w

@@ -3,9 +3,10 @@
 Every launch builds the tiny model (vision blocks included) at one layout and generates each
 case twice on the same parameters: `RolloutConfig(fast=True)` and `fast=False` (megatron-core's
 forward with a StaticInferenceContext). Tokens must be identical and log-probs within 1e-5.
-Each launch then takes a GRPO step (optimizer.step updates the parameters in place) and checks
-that both paths see the new weights. Three launches: TP1 (it also writes the checkpoint the
-other layouts load), TP2, PP2.
+Without pipeline stages the fast path runs once more with fixed-shape steps (`decode_steps="static"`,
+the eager form of the CUDA-graph step). Each launch then takes a GRPO step (optimizer.step updates
+the parameters in place) and checks that both paths see the new weights. Three launches: TP1 (it
+also writes the checkpoint the other layouts load), TP2, PP2.
 """
 
 import pytest
@@ -39,7 +40,7 @@ def _pack(rollouts):
     return [(r.sample_id, r.tokens.tolist(), r.logprobs.tolist()) for r in rollouts]
 
 
-def _cases(chunks, pg, fast: bool) -> dict:
+def _cases(chunks, pg, fast: bool, decode_steps: str = "dynamic") -> dict:
     from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
     from megatron_xomni.inference.sampling import SamplingConfig
 
@@ -48,7 +49,8 @@ def _cases(chunks, pg, fast: bool) -> dict:
     ids = list(range(len(IMAGE_PROMPTS)))
 
     def cfg(sampling, **kw):
-        return RolloutConfig(sampling=sampling, samples_per_prompt=2, max_rows_per_forward=3, fast=fast, **kw)
+        return RolloutConfig(sampling=sampling, samples_per_prompt=2, max_rows_per_forward=3, fast=fast,
+                             decode_steps=decode_steps, **kw)
 
     out = {
         "image": generate_images(chunks, pg, IMAGE_PROMPTS, GRID, EOM, cfg(minp, seed=42), prompt_ids=ids),
@@ -106,8 +108,25 @@ def _layout_rank(rank, world, root, layout):
         load_model_state(chunks, load_checkpoint(resolve_checkpoint(f"{root}/policy"),
                                                  model_sharded_state_dict(chunks)))
     res = {"fast": _cases(chunks, pg, True), "ref": _cases(chunks, pg, False)}
+    if par.pipeline_parallel == 1:  # fixed-shape steps (the CUDA-graph step's eager form) run one stage
+        res["static"] = _cases(chunks, pg, True, decode_steps="static")
+    res["refusals"] = _refusals(chunks, pg)
     res.update(_grpo_step_and_regenerate(chunks, pg))
     return res
+
+
+def _refusals(chunks, pg) -> list:
+    """The one-line errors for step kinds this layout / device cannot run (None: accepted)."""
+    from megatron_xomni.inference.decode import DecodeEngine
+
+    out = []
+    for steps in ("static", "cuda_graph", "graphs"):
+        try:
+            DecodeEngine(chunks, pg, steps=steps)
+            out.append(None)
+        except ValueError as e:
+            out.append(str(e))
+    return out
 
 
 def _assert_same(fast, ref, what):
@@ -120,6 +139,12 @@ def _check_layout(results):
     for res in results:
         for case in res["ref"]:
             _assert_same(res["fast"][case], res["ref"][case], case)
+            if "static" in res:
+                _assert_same(res["static"][case], res["ref"][case], f"{case}, fixed-shape steps")
+        static, graph, unknown = res["refusals"]
+        assert "expected one of dynamic, static, cuda_graph" in unknown
+        assert "needs the model on a CUDA device" in graph or "one pipeline stage" in graph
+        assert (static is None) == ("static" in res), static
         _assert_same(res["after_fast"], res["after_ref"], "after the GRPO step")
         assert res["updates_ok"]
         # The rollout after the step samples from the updated policy, not a stale copy.

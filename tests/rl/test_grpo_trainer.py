@@ -140,6 +140,16 @@ def test_old_prompt_knobs_name_the_new_ones():
         load_recipe("tiny_grpo", ["prompt_seed=3"])
 
 
+def test_decode_steps_knob_is_checked_before_any_process_group():
+    from megatron_xomni.recipes import load_recipe
+
+    assert load_recipe("tiny_grpo", ["decode_steps=static"]).decode_steps == "static"
+    with pytest.raises(ValueError, match="decode_steps='graph': expected one of dynamic, static, cuda_graph"):
+        load_recipe("tiny_grpo", ["decode_steps=graph"]).validate(1)
+    with pytest.raises(ValueError, match="runs one pipeline stage and one model chunk: set decode_steps='dynamic'"):
+        load_recipe("tiny_grpo", ["decode_steps=cuda_graph", "parallel.pipeline_parallel=2"]).validate(2)
+
+
 def test_7b_recipe_renders_without_its_inputs_and_checks_them_at_start(tmp_path):
     from megatron_xomni.recipes import load_recipe
 
