@@ -153,6 +153,18 @@ def _batched_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 
+def _batched(name: str, a: torch.Tensor, b: torch.Tensor, cols: int, dims: tuple) -> Optional[torch.Tensor]:
+    """Call a batched product `name` on a [B, M, *] and b [B, *, *] into a new [B, M, cols] tensor."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return None
+    bsz, m, _ = a.shape
+    out = torch.empty(bsz, m, cols, dtype=torch.float32)
+    getattr(lib, name)(bsz, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
+                       out.data_ptr(), m * cols, cols, *dims)
+    return out
+
+
 def bmm_nt(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
     """x [B, M, K] @ w[B, N, K].transpose(1, 2) as a new [B, M, N] tensor, or None where it does not apply.
 
@@ -161,15 +173,8 @@ def bmm_nt(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
     """
     if not _batched_ok(x, w) or x.shape[2] != w.shape[2]:
         return None
-    lib = _lib if _lib is not None else _load()
-    if lib is None:
-        return None
-    bsz, m, k = x.shape
-    n = w.shape[1]
-    out = torch.empty(bsz, m, n, dtype=torch.float32)
-    lib.xomni_small_bmm_nt(bsz, x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
-                           out.data_ptr(), m * n, n, m, n, k)
-    return out
+    m, k, n = x.shape[1], x.shape[2], w.shape[1]
+    return _batched("xomni_small_bmm_nt", x, w, n, (m, n, k))
 
 
 def bmm_nn(p: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
@@ -179,12 +184,5 @@ def bmm_nn(p: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     """
     if not _batched_ok(p, v) or p.shape[2] != v.shape[1]:
         return None
-    lib = _lib if _lib is not None else _load()
-    if lib is None:
-        return None
-    bsz, m, t = p.shape
-    d = v.shape[2]
-    out = torch.empty(bsz, m, d, dtype=torch.float32)
-    lib.xomni_small_bmm_nn(bsz, p.data_ptr(), p.stride(0), p.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
-                           out.data_ptr(), m * d, d, m, t, d)
-    return out
+    m, t, d = p.shape[1], p.shape[2], v.shape[2]
+    return _batched("xomni_small_bmm_nn", p, v, d, (m, t, d))
