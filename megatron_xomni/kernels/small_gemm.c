@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Weight rows stream from DRAM when the layers outgrow L3: the first tile of a pair prefetches
  * the rows PF ahead (2-32 measured on a 44 MB layer stack: 4-16 into L1 alike, 8 kept). */
@@ -183,16 +184,19 @@ void xomni_small_bmm_nn(int64_t batch, const float* p, int64_t sp, int64_t ldp, 
 }
 
 
-/* ---- 9-16 rows at fan-in > 256: the broadcast form --------------------------------------------
- * out^T[n, 0:16] += w[n, k] * x^T[k, 0:16]: the (up to) 16 rows of x fill one vector, each weight
- * element is broadcast into one FMA, 16 weight rows stream side by side (prefetched PFD rows
- * ahead) and no horizontal reduction is needed. In a 4-layer decode stack whose weights stream
- * from DRAM (hidden 512, 16 rows) it measured 2.8 ms per step vs oneDNN's 3.0-3.1 and the
- * dot-product tiles' 3.5-3.9 (benchmarks/RESULTS.md); with weights in cache the dot-product
- * tiles are faster (one load per FMA here), hence the split by fan-in in small_gemm.py. */
+/* ---- 9-16 rows: the broadcast form ------------------------------------------------------------
+ * out^T[n, rows] += w[n, k:k+2] * x^T[k:k+2, rows]: one 64-bit broadcast puts a weight row's pair
+ * (k, k+1) in every lane pair, and two vectors hold the 16 rows' pairs (rows 0-7 and 8-15, lane
+ * 2m + kk = x[m, k + kk]), so each broadcast feeds two FMAs and no reduction runs in the K loop
+ * (the two halves of a lane pair are added once per output). 12 weight rows stream side by side,
+ * prefetched two blocks ahead. Hot, 16 x 512 x 1024: 214 GFLOP/s vs the dot-product tiles' 183; in
+ * a 4-layer decode stack whose weights stream from DRAM (hidden 512) 1.9 ms per step vs oneDNN's
+ * 3.1-3.2 and the tiles' 3.7-4.3 (benchmarks/RESULTS.md). At <= 8 rows half of each FMA would be
+ * padding: the dot-product tiles stay faster there. */
 #ifndef PFD
-#define PFD 32
+#define PFD 24
 #endif
+#define NB 12
 
 /* In-register transpose: afterwards r[i] lane j holds what r[j] lane i held (4 block-swap
  * stages: at block size h, row i's upper half trades places with row i + h's lower half). */
@@ -213,19 +217,47 @@ static inline void transpose16(__m512 r[16]) {
   }
 }
 
-/* acc[i] = x^T-weighted sum over K of weight row i, for NB (<= 16) rows; pf: the rows PFD ahead. */
-static inline __attribute__((always_inline)) void bcast_block(const int NB, const float* xt, const float* w,
-    int64_t ldw, int64_t K, __m512 acc[16], const float* pf, int npf) {
-  for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k++) {
-    const __m512 xv = _mm512_load_ps(xt + 16 * k);
-    if ((k & 15) == 0 && pf)
-      for (int i = 0; i < npf; i++) _mm_prefetch((const char*)(pf + i * ldw + k), _MM_HINT_T0);
-    for (int i = 0; i < NB; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(w[i * ldw + k]), xv, acc[i]);
+/* w[k], w[k + 1] in every lane pair (one vbroadcastsd; memcpy: no aliasing or alignment claim). */
+static inline __m512 pair_of(const float* w) {
+  double d;
+  memcpy(&d, w, sizeof d);
+  return _mm512_castpd_ps(_mm512_set1_pd(d));
+}
+
+/* out[i] lane m = sum over K of w[i, k] x[m, k], for nb (<= NB) weight rows; pf: the rows PFD ahead. */
+static inline __attribute__((always_inline)) void pair_block(const int nb, const float* xt, const float* w,
+    int64_t ldw, int64_t K, __m512 out[16], const float* pf, int npf) {
+  __m512 lo[NB], hi[NB];
+  for (int i = 0; i < NB; i++) lo[i] = hi[i] = _mm512_setzero_ps();
+  const int64_t pairs = K >> 1;
+  for (int64_t kp = 0; kp < pairs; kp++) {
+    const __m512 xlo = _mm512_load_ps(xt + 32 * kp), xhi = _mm512_load_ps(xt + 32 * kp + 16);
+    if ((kp & 7) == 0 && pf)
+      for (int i = 0; i < npf; i++) _mm_prefetch((const char*)(pf + i * ldw + 2 * kp), _MM_HINT_T0);
+    for (int i = 0; i < nb; i++) {
+      const __m512 wv = pair_of(w + i * ldw + 2 * kp);
+      lo[i] = _mm512_fmadd_ps(wv, xlo, lo[i]);
+      hi[i] = _mm512_fmadd_ps(wv, xhi, hi[i]);
+    }
+  }
+  if (K & 1) { /* the last k alone: its x^T pair holds zeros at kk = 1 */
+    const __m512 xlo = _mm512_load_ps(xt + 32 * pairs), xhi = _mm512_load_ps(xt + 32 * pairs + 16);
+    for (int i = 0; i < nb; i++) {
+      const __m512 wv = _mm512_set1_ps(w[i * ldw + 2 * pairs]);
+      lo[i] = _mm512_fmadd_ps(wv, xlo, lo[i]);
+      hi[i] = _mm512_fmadd_ps(wv, xhi, hi[i]);
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int i = 0; i < 16; i++) out[i] = _mm512_setzero_ps();
+  for (int i = 0; i < nb; i++) { /* add each lane pair, then rows 0-7 and 8-15 into one vector */
+    const __m512 slo = _mm512_add_ps(lo[i], _mm512_permute_ps(lo[i], 0xB1));
+    const __m512 shi = _mm512_add_ps(hi[i], _mm512_permute_ps(hi[i], 0xB1));
+    out[i] = _mm512_permutex2var_ps(slo, even, shi);
   }
 }
 
-/* x^T as 16 floats per k, 64-byte aligned: one buffer per thread, grown to the widest K seen
+/* x^T in lane pairs, 64-byte aligned: one buffer per thread, grown to the widest K seen
  * (16 * K floats: 32 KiB at K = 512); kept for the process, like a library's scratch pad. */
 static __thread float* xt_buf;
 static __thread int64_t xt_cap;
@@ -243,21 +275,28 @@ int xomni_small_gemm_bcast(const float* x, int64_t ldx, const float* w, int64_t 
   }
   float* xt = xt_buf;
   __m512 r[16];
+  /* rows 0-7 / 8-15 of columns k0 + j, k0 + j + 1 as lane pairs */
+  const __m512i lo_rows = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_rows = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int kb = K - k0 < 16 ? (int)(K - k0) : 16;
     const __mmask16 km = (__mmask16)((1u << kb) - 1u);
     for (int m = 0; m < 16; m++) r[m] = m < M ? _mm512_maskz_loadu_ps(km, x + m * ldx + k0) : _mm512_setzero_ps();
-    transpose16(r);
-    for (int j = 0; j < kb; j++) _mm512_store_ps(xt + 16 * (k0 + j), r[j]);
+    transpose16(r); /* r[j] lane m = x[m, k0 + j], zero past K */
+    for (int j = 0; j < kb; j += 2) {
+      float* dst = xt + 32 * ((k0 + j) >> 1);
+      _mm512_store_ps(dst, _mm512_permutex2var_ps(r[j], lo_rows, r[j + 1]));
+      _mm512_store_ps(dst + 16, _mm512_permutex2var_ps(r[j], hi_rows, r[j + 1]));
+    }
   }
-  for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const int nb = N - n0 < 16 ? (int)(N - n0) : 16;
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int nb = N - n0 < NB ? (int)(N - n0) : NB;
     const int64_t ahead = n0 + PFD;
     const float* pf = ahead < N ? w + ahead * ldw : 0;
-    const int npf = pf ? (N - ahead < 16 ? (int)(N - ahead) : 16) : 0;
-    if (nb == 16) bcast_block(16, xt, w + n0 * ldw, ldw, K, r, pf, npf);
-    else bcast_block(nb, xt, w + n0 * ldw, ldw, K, r, pf, npf);
-    transpose16(r);  /* r[m] lane i = out[m, n0 + i] */
+    const int npf = pf ? (N - ahead < NB ? (int)(N - ahead) : NB) : 0;
+    if (nb == NB) pair_block(NB, xt, w + n0 * ldw, ldw, K, r, pf, npf);
+    else pair_block(nb, xt, w + n0 * ldw, ldw, K, r, pf, npf);
+    transpose16(r); /* r[m] lane i = out[m, n0 + i] */
     const __mmask16 nm = (__mmask16)((1u << nb) - 1u);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(nm, bias + n0) : _mm512_setzero_ps();
     for (int m = 0; m < M; m++) _mm512_mask_storeu_ps(out + m * ldo + n0, nm, _mm512_add_ps(r[m], bv));

@@ -11,9 +11,9 @@ no AVX-512 (torch's CPU capability), no compiler, `XOMNI_SMALL_GEMM=0`, `set_ena
 not fp32 / not CPU / inner dimension not contiguous, more than 16 rows (oneDNN is as fast from 32
 rows on), autograd recording (the kernels have no backward), or more than one torch thread (the
 kernels are single-threaded; the library paths use the thread pool). Measured in a 4-layer decode
-stack (benchmarks/RESULTS.md): the dot-product tiles are 1.4-1.9x oneDNN at 8 rows and 1.4x at 16
-rows of fan-in 256, but 0.8-0.9x at 16 rows of fan-in 512, where the weights stream from DRAM; there
-the broadcast form (`xomni_small_gemm_bcast`) is 1.1x oneDNN, so 9-16 rows at fan-in > 256 take it.
+stack (benchmarks/RESULTS.md): the dot-product tiles are 1.9-2x oneDNN at 8 rows; at 16 rows the
+broadcast form (`xomni_small_gemm_bcast`) is 1.6-1.7x oneDNN (the tiles 1.4x at fan-in 256 but
+0.8x at 512, where the weights stream from DRAM), so 9-16 rows take it.
 
 `bmm_nt` / `bmm_nn` are the batched products of a decode step's attention over its KV cache.
 """
@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-shared", "-fPIC"]
 MAX_ROWS = 16
-# Up to this many rows (or at fan-in <= DOT_FAN_IN) the dot-product tiles run; above it, the
-# broadcast form (one vector of up to 16 rows per FMA), which streams weights from DRAM better.
-DOT_ROWS, DOT_FAN_IN = 8, 256
+# Up to this many rows the dot-product tiles run; above it (9-16 rows) the broadcast form, where
+# 16 rows x 2 fan-in positions fill the two vectors each weight pair multiplies.
+DOT_ROWS = 8
 
 _ABI = 2
 
@@ -138,7 +138,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    call = lib.xomni_small_gemm if m <= DOT_ROWS or k <= DOT_FAN_IN else lib.xomni_small_gemm_bcast
+    call = lib.xomni_small_gemm if m <= DOT_ROWS else lib.xomni_small_gemm_bcast
     if call(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
             out.data_ptr(), n, m, n, k):
         raise MemoryError(f"small_gemm: no scratch for a {m}x{k} operand")
