@@ -57,12 +57,12 @@ TEXT, IMAGE = "text", "image"
 # with 8 rows, where the kernel is narrow). A prompt prefill (hundreds of rows) amortises the
 # weight's reorder and pays more for transposing the swapped product: 1.2-1.5x slower swapped
 # at 128-512 rows, measured, so the swap stops at 64 rows (a decode batch, CFG's doubled rows).
-# With at most 16 rows (a decode step; CFG's doubled rows at batch 8) and one thread,
-# `kernels.small_gemm` reads the weight rows in place: its dot-product tiles run at 70-80 % of the
-# FMA peak (1.2-3x oneDNN's dense call on these shapes), its broadcast form takes 9-16 rows at
-# fan-in > 256 (1.1x oneDNN's swapped call when the weights stream from DRAM); oneDNN wins from
-# ~32 rows on (benchmarks/RESULTS.md). `cpu_linear.set_enabled(False)` sends every call to
-# F.linear (MKL), as for the training linears, and attention to SDPA.
+# With at most 32 rows (a decode step; CFG's doubled rows up to batch 16) and one thread,
+# `kernels.small_gemm` reads the weight rows in place: its dot-product tiles (<= 8 rows) run at
+# 70-80 % of the FMA peak, its broadcast form (9-32 rows) at 85-90 %: 1.05-2x oneDNN's calls on
+# decode shapes (benchmarks/RESULTS.md); the oneDNN routes above serve prefills and larger decode
+# batches. `cpu_linear.set_enabled(False)` sends every call to F.linear (MKL), as for the training
+# linears, and attention to SDPA.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -184,20 +184,15 @@ void xomni_small_bmm_nn(int64_t batch, const float* p, int64_t sp, int64_t ldp, 
 }
 
 
-/* ---- 9-16 rows: the broadcast form ------------------------------------------------------------
+/* ---- 9-32 rows: the broadcast form ------------------------------------------------------------
  * out^T[n, rows] += w[n, k:k+2] * x^T[k:k+2, rows]: one 64-bit broadcast puts a weight row's pair
- * (k, k+1) in every lane pair, and two vectors hold the 16 rows' pairs (rows 0-7 and 8-15, lane
- * 2m + kk = x[m, k + kk]), so each broadcast feeds two FMAs and no reduction runs in the K loop
- * (the two halves of a lane pair are added once per output). 12 weight rows stream side by side,
- * prefetched two blocks ahead. Hot, 16 x 512 x 1024: 214 GFLOP/s vs the dot-product tiles' 183; in
- * a 4-layer decode stack whose weights stream from DRAM (hidden 512) 1.9 ms per step vs oneDNN's
- * 3.1-3.2 and the tiles' 3.7-4.3 (benchmarks/RESULTS.md). At <= 8 rows half of each FMA would be
- * padding: the dot-product tiles stay faster there. */
-#ifndef PFD
-#define PFD 24
-#endif
-#define NB 12
-
+ * (k, k+1) in every lane pair, and V vectors hold the rows' pairs (8 rows each, lane 2m + kk =
+ * x[m, k + kk]; V = 2 for <= 16 rows, 4 for <= 32), so each broadcast feeds V FMAs and no reduction
+ * runs in the K loop (the two halves of a lane pair are added once per output). 24 / V weight rows
+ * stream side by side, prefetched two blocks ahead. Hot, 16 x 512 x 1024: 214 GFLOP/s vs the
+ * dot-product tiles' 183; in a 4-layer decode stack whose weights stream from DRAM (hidden 512, 16
+ * rows) 1.9 ms per step vs oneDNN's 3.0-3.2 and the tiles' 3.7-4.3 (benchmarks/RESULTS.md). At <= 8
+ * rows half of each FMA would be padding: the dot-product tiles stay faster there. */
 /* In-register transpose: afterwards r[i] lane j holds what r[j] lane i held (4 block-swap
  * stages: at block size h, row i's upper half trades places with row i + h's lower half). */
 static inline void transpose16(__m512 r[16]) {
@@ -224,48 +219,51 @@ static inline __m512 pair_of(const float* w) {
   return _mm512_castpd_ps(_mm512_set1_pd(d));
 }
 
-/* out[i] lane m = sum over K of w[i, k] x[m, k], for nb (<= NB) weight rows; pf: the rows PFD ahead. */
-static inline __attribute__((always_inline)) void pair_block(const int nb, const float* xt, const float* w,
-    int64_t ldw, int64_t K, __m512 out[16], const float* pf, int npf) {
-  __m512 lo[NB], hi[NB];
-  for (int i = 0; i < NB; i++) lo[i] = hi[i] = _mm512_setzero_ps();
+/* out[16 h + i] lane m = sum over K of w[i, k] x[16 h + m, k] for nb weight rows (<= 24 / V) and
+ * 8 V rows of x (V vectors of lane pairs: V = 2 for 16 rows, 4 for 32); pf: the rows PFD ahead. */
+static inline __attribute__((always_inline)) void pair_block(const int V, const int nb, const float* xt,
+    const float* w, int64_t ldw, int64_t K, __m512 out[32], const float* pf, int npf) {
+  __m512 acc[12][4];
+  for (int i = 0; i < 24 / V; i++)
+    for (int v = 0; v < V; v++) acc[i][v] = _mm512_setzero_ps();
   const int64_t pairs = K >> 1;
+  __m512 xv[4];
   for (int64_t kp = 0; kp < pairs; kp++) {
-    const __m512 xlo = _mm512_load_ps(xt + 32 * kp), xhi = _mm512_load_ps(xt + 32 * kp + 16);
+    for (int v = 0; v < V; v++) xv[v] = _mm512_load_ps(xt + 16 * V * kp + 16 * v);
     if ((kp & 7) == 0 && pf)
       for (int i = 0; i < npf; i++) _mm_prefetch((const char*)(pf + i * ldw + 2 * kp), _MM_HINT_T0);
     for (int i = 0; i < nb; i++) {
       const __m512 wv = pair_of(w + i * ldw + 2 * kp);
-      lo[i] = _mm512_fmadd_ps(wv, xlo, lo[i]);
-      hi[i] = _mm512_fmadd_ps(wv, xhi, hi[i]);
+      for (int v = 0; v < V; v++) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
     }
   }
-  if (K & 1) { /* the last k alone: its x^T pair holds zeros at kk = 1 */
-    const __m512 xlo = _mm512_load_ps(xt + 32 * pairs), xhi = _mm512_load_ps(xt + 32 * pairs + 16);
+  if (K & 1) { /* the last k alone: x^T's other lane of each pair is zero there */
+    for (int v = 0; v < V; v++) xv[v] = _mm512_load_ps(xt + 16 * V * pairs + 16 * v);
     for (int i = 0; i < nb; i++) {
       const __m512 wv = _mm512_set1_ps(w[i * ldw + 2 * pairs]);
-      lo[i] = _mm512_fmadd_ps(wv, xlo, lo[i]);
-      hi[i] = _mm512_fmadd_ps(wv, xhi, hi[i]);
+      for (int v = 0; v < V; v++) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
     }
   }
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  for (int i = 0; i < 16; i++) out[i] = _mm512_setzero_ps();
-  for (int i = 0; i < nb; i++) { /* add each lane pair, then rows 0-7 and 8-15 into one vector */
-    const __m512 slo = _mm512_add_ps(lo[i], _mm512_permute_ps(lo[i], 0xB1));
-    const __m512 shi = _mm512_add_ps(hi[i], _mm512_permute_ps(hi[i], 0xB1));
-    out[i] = _mm512_permutex2var_ps(slo, even, shi);
-  }
+  for (int i = 0; i < 32; i++) out[i] = _mm512_setzero_ps();
+  for (int i = 0; i < nb; i++)
+    for (int h = 0; h < V / 2; h++) { /* add each lane pair, then rows 0-7 and 8-15 into one vector */
+      const __m512 a = _mm512_add_ps(acc[i][2 * h], _mm512_permute_ps(acc[i][2 * h], 0xB1));
+      const __m512 b = _mm512_add_ps(acc[i][2 * h + 1], _mm512_permute_ps(acc[i][2 * h + 1], 0xB1));
+      out[16 * h + i] = _mm512_permutex2var_ps(a, even, b);
+    }
 }
 
 /* x^T in lane pairs, 64-byte aligned: one buffer per thread, grown to the widest K seen
- * (16 * K floats: 32 KiB at K = 512); kept for the process, like a library's scratch pad. */
+ * (32 * K floats: 64 KiB at K = 512); kept for the process, like a library's scratch pad. */
 static __thread float* xt_buf;
 static __thread int64_t xt_cap;
 
-int xomni_small_gemm_bcast(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
-                           float* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
-  if (M < 1 || M > 16) return -1;
-  const int64_t need = 16 * ((K + 15) & ~(int64_t)15);
+static int gemm_pairs(const int V, const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
+                      float* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
+  const int nbmax = 24 / V;               /* weight rows per block: 12 (16 rows of x) or 6 (32) */
+  const int64_t pfd = 2 * nbmax;          /* prefetch two blocks ahead */
+  const int64_t need = 8 * V * ((K + 15) & ~(int64_t)15);
   if (need > xt_cap) {
     float* p = aligned_alloc(64, (size_t)need * sizeof(float));
     if (!p) return -2;
@@ -274,32 +272,46 @@ int xomni_small_gemm_bcast(const float* x, int64_t ldx, const float* w, int64_t 
     xt_cap = need;
   }
   float* xt = xt_buf;
-  __m512 r[16];
+  __m512 r[32];
   /* rows 0-7 / 8-15 of columns k0 + j, k0 + j + 1 as lane pairs */
   const __m512i lo_rows = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_rows = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int kb = K - k0 < 16 ? (int)(K - k0) : 16;
     const __mmask16 km = (__mmask16)((1u << kb) - 1u);
-    for (int m = 0; m < 16; m++) r[m] = m < M ? _mm512_maskz_loadu_ps(km, x + m * ldx + k0) : _mm512_setzero_ps();
-    transpose16(r); /* r[j] lane m = x[m, k0 + j], zero past K */
-    for (int j = 0; j < kb; j += 2) {
-      float* dst = xt + 32 * ((k0 + j) >> 1);
-      _mm512_store_ps(dst, _mm512_permutex2var_ps(r[j], lo_rows, r[j + 1]));
-      _mm512_store_ps(dst + 16, _mm512_permutex2var_ps(r[j], hi_rows, r[j + 1]));
+    for (int h = 0; h < V / 2; h++) {
+      __m512* t = r + 16 * h;
+      for (int m = 0; m < 16; m++)
+        t[m] = 16 * h + m < M ? _mm512_maskz_loadu_ps(km, x + (16 * h + m) * ldx + k0) : _mm512_setzero_ps();
+      transpose16(t); /* t[j] lane m = x[16 h + m, k0 + j], zero past K */
+      for (int j = 0; j < kb; j += 2) {
+        float* dst = xt + 16 * V * ((k0 + j) >> 1) + 32 * h;
+        _mm512_store_ps(dst, _mm512_permutex2var_ps(t[j], lo_rows, t[j + 1]));
+        _mm512_store_ps(dst + 16, _mm512_permutex2var_ps(t[j], hi_rows, t[j + 1]));
+      }
     }
   }
-  for (int64_t n0 = 0; n0 < N; n0 += NB) {
-    const int nb = N - n0 < NB ? (int)(N - n0) : NB;
-    const int64_t ahead = n0 + PFD;
+  for (int64_t n0 = 0; n0 < N; n0 += nbmax) {
+    const int nb = N - n0 < nbmax ? (int)(N - n0) : nbmax;
+    const int64_t ahead = n0 + pfd;
     const float* pf = ahead < N ? w + ahead * ldw : 0;
-    const int npf = pf ? (N - ahead < NB ? (int)(N - ahead) : NB) : 0;
-    if (nb == NB) pair_block(NB, xt, w + n0 * ldw, ldw, K, r, pf, npf);
-    else pair_block(nb, xt, w + n0 * ldw, ldw, K, r, pf, npf);
-    transpose16(r); /* r[m] lane i = out[m, n0 + i] */
+    const int npf = pf ? (N - ahead < nbmax ? (int)(N - ahead) : nbmax) : 0;
+    if (nb == nbmax) pair_block(V, 24 / V, xt, w + n0 * ldw, ldw, K, r, pf, npf);
+    else pair_block(V, nb, xt, w + n0 * ldw, ldw, K, r, pf, npf);
     const __mmask16 nm = (__mmask16)((1u << nb) - 1u);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(nm, bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < M; m++) _mm512_mask_storeu_ps(out + m * ldo + n0, nm, _mm512_add_ps(r[m], bv));
+    for (int h = 0; h < V / 2; h++) {
+      transpose16(r + 16 * h); /* r[16 h + m] lane i = out[16 h + m, n0 + i] */
+      for (int m = 0; m < 16 && 16 * h + m < M; m++)
+        _mm512_mask_storeu_ps(out + (16 * h + m) * ldo + n0, nm, _mm512_add_ps(r[16 * h + m], bv));
+    }
   }
   return 0;
+}
+
+int xomni_small_gemm_bcast(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
+                           float* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
+  if (M < 1 || M > 32) return -1;
+  return M <= 16 ? gemm_pairs(2, x, ldx, w, ldw, bias, out, ldo, M, N, K)
+                 : gemm_pairs(4, x, ldx, w, ldw, bias, out, ldo, M, N, K);
 }

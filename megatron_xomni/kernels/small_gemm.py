@@ -8,12 +8,13 @@ tensors' data pointers: no copy of the weight, no torch extension build (seconds
 
 `linear()` returns None whenever the kernel does not apply, and the caller runs its library path:
 no AVX-512 (torch's CPU capability), no compiler, `XOMNI_SMALL_GEMM=0`, `set_enabled(False)`,
-not fp32 / not CPU / inner dimension not contiguous, more than 16 rows (oneDNN is as fast from 32
-rows on), autograd recording (the kernels have no backward), or more than one torch thread (the
-kernels are single-threaded; the library paths use the thread pool). Measured in a 4-layer decode
-stack (benchmarks/RESULTS.md): the dot-product tiles are 1.9-2x oneDNN at 8 rows; at 16 rows the
-broadcast form (`xomni_small_gemm_bcast`) is 1.6-1.7x oneDNN (the tiles 1.4x at fan-in 256 but
-0.8x at 512, where the weights stream from DRAM), so 9-16 rows take it.
+not fp32 / not CPU / inner dimension not contiguous, more than 32 rows (a prompt prefill: oneDNN is
+compute-bound there and faster), autograd recording (the kernels have no backward), or more than
+one torch thread (the kernels are single-threaded; the library paths use the thread pool).
+Measured in a 4-layer decode stack (benchmarks/RESULTS.md): the dot-product tiles are 1.9-2x
+oneDNN at 8 rows; at 16 rows the broadcast form (`xomni_small_gemm_bcast`) is 1.6-1.7x oneDNN
+(the tiles 1.4x at fan-in 256 but 0.8x at 512, where the weights stream from DRAM), at 24-32 rows
+1.05-1.2x, so 9-32 rows take it.
 
 `bmm_nt` / `bmm_nn` are the batched products of a decode step's attention over its KV cache.
 """
@@ -36,9 +37,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-shared", "-fPIC"]
-MAX_ROWS = 16
-# Up to this many rows the dot-product tiles run; above it (9-16 rows) the broadcast form, where
-# 16 rows x 2 fan-in positions fill the two vectors each weight pair multiplies.
+MAX_ROWS = 32
+# Up to this many rows the dot-product tiles run; above it (9-32 rows) the broadcast form, where
+# 16 (32) rows x 2 fan-in positions fill the two (four) vectors each weight pair multiplies.
 DOT_ROWS = 8
 
 _ABI = 2

@@ -190,13 +190,14 @@ def test_layout_fast_equals_reference(tp1, name, world, layout):
         assert [(s, t) for s, t, _ in results[0]["fast"][case]] == [(s, t) for s, t, _ in ref["fast"][case]], case
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # one thread: kernels.small_gemm takes rows <= 16
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: kernels.small_gemm takes rows <= 32
 @pytest.mark.parametrize("rows,fan_in,fan_out,bias", [
     (3, 64, 48, True),      # tiny product: F.linear (2 threads)
     (8, 256, 4096, False),  # oneDNN, weight as its weights operand (2 threads)
     (16, 512, 1024, True),  # oneDNN with the operands swapped (2 threads); the broadcast kernel (1)
     (16, 1024, 512, False),
-    (32, 512, 1024, True),  # CFG's doubled rows at batch 16: oneDNN swapped either way
+    (32, 512, 1024, True),  # CFG's doubled rows at batch 16: oneDNN swapped (2 threads); the broadcast kernel (1)
+    (48, 256, 1024, False),  # a larger decode batch: oneDNN swapped either way
     (256, 256, 1024, True),  # prompt prefill: oneDNN, weight as its weights operand
 ])
 def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias, threads):

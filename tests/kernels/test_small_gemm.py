@@ -51,11 +51,12 @@ def test_wide_fan_in(m, k, n):
     _check(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g))
 
 
-@pytest.mark.parametrize("m", [9, 12, 16])
+@pytest.mark.parametrize("m", [9, 12, 16, 17, 25, 32])
 @pytest.mark.parametrize("k,n", [(257, 17), (512, 33), (1031, 16), (300, 1), (1408, 47), (2, 25), (1, 12), (15, 13)])
 def test_broadcast_form(m, k, n):
-    """9-16 rows take the broadcast form: odd K (a lone last position), K and N tails, one output
-    column, whole and partial blocks of 12 weight rows, bias or none."""
+    """9-32 rows take the broadcast form (two vectors of row pairs up to 16 rows, four up to 32): odd
+    K (a lone last position), K and N tails, one output column, whole and partial blocks of weight
+    rows, bias or none."""
     assert m > small_gemm.DOT_ROWS
     g = torch.Generator().manual_seed(7 * m + k + n)
     x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g)
@@ -74,11 +75,12 @@ def test_strided_rows_and_weight_views():
     wide = torch.randn(40, 700, generator=g)[3:35:2, 100:612]  # 16 rows for the broadcast form
     assert wide.stride() == (1400, 1)
     _check(wide, torch.randn(80, 800, generator=g)[10:60, 200:712], None)
+    _check(torch.randn(60, 700, generator=g)[1:59:2, 5:517], torch.randn(30, 600, generator=g)[:, 50:562], None)
 
 
 def test_refuses_what_it_cannot_do():
     x, w = torch.randn(4, 32), torch.randn(8, 32)
-    assert small_gemm.linear(torch.randn(17, 32), w) is None  # more rows than MAX_ROWS
+    assert small_gemm.linear(torch.randn(33, 32), w) is None  # more rows than MAX_ROWS
     assert small_gemm.linear(x.double(), w.double()) is None
     assert small_gemm.linear(x.t().contiguous().t(), w) is None  # inner dimension strided
     wg = w.clone().requires_grad_()
