@@ -29,7 +29,7 @@ setup(
     version="0.1.0",
     description="Megatron-style training stack for X-Omni discrete autoregressive image generation",
     packages=find_packages(include=["megatron_xomni", "megatron_xomni.*"]),
-    package_data={"megatron_xomni.slurm": ["train.sbatch", "rank_exit.sh"], "megatron_xomni.kernels": ["small_gemm.c"]},
+    package_data={"megatron_xomni.slurm": ["train.sbatch", "rank_exit.sh"], "megatron_xomni.kernels": ["small_gemm.c", "decode_attention.c", "simd.h"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -8,10 +8,10 @@ One thread, fp32, milliseconds per decode step (median of `--repeats` rounds):
     layer, then the text head), on weights shaped as `rollout_throughput.py`'s model, with
       `decode.linear` as it dispatches (the kernel where it applies), the dot-product tiles and
       the broadcast form forced, and `decode.linear` with the kernel switched off (oneDNN / MKL);
-  - attention: one query per row against a 4-layer static KV cache filled to `--length`
-    positions, right after a 48 MiB buffer was read (as a step's weights push the cache out of
-    L3), with `decode._attend_cached` (the kernel's batched products) vs SDPA, and the time to
-    merely sum the same cache bytes (the stream floor).
+  - attention: a decode step's RoPE, cache write and attention over a 4-layer static KV cache
+    filled to `--length` positions, with `kernels.decode_attention` vs the tensor ops + SDPA decode
+    runs without it, and the time to merely sum the same cache bytes (the stream floor); right
+    after a 48 MiB buffer was read (as a step's weights push the cache out of L3) and hot.
 Outputs of every variant are checked against each other before timing.
 """
 
@@ -54,11 +54,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from megatron_xomni.inference import decode
-    from megatron_xomni.kernels import small_gemm
+    from megatron_xomni.kernels import build, decode_attention, small_gemm
 
-    lib = small_gemm._load()
-    if lib is None:
-        raise SystemExit(f"small_gemm kernel unavailable: {small_gemm.why_unavailable()}")
+    lib = small_gemm.LIBRARY.get()
+    if lib is None or not decode_attention.available():
+        raise SystemExit(f"kernels unavailable: {small_gemm.why_unavailable() or decode_attention.why_unavailable()}")
     M, H = args.rows, args.hidden
     d = H // args.heads
     groups = max(1, args.heads // 2)
@@ -86,11 +86,11 @@ def main(argv=None) -> int:
         return [decode.linear(xs[w.shape[1]], w) for w in ws]
 
     def library():
-        small_gemm.set_enabled(False)
+        build.set_enabled(False)
         try:
             return dispatched()
         finally:
-            small_gemm.set_enabled(True)
+            build.set_enabled(True)
 
     linears = {"decode.linear (kernel where it applies)": dispatched, "library (oneDNN / MKL)": library,
                "dot-product tiles, forced": forced(lib.xomni_small_gemm)}
@@ -105,31 +105,46 @@ def main(argv=None) -> int:
     for name, fn in linears.items():
         print(f"  {name:45s} {_median_ms(fn, args.repeats, 30):7.3f}")
 
-    # Attention: the per-layer caches as decode allocates them, [rows, groups, max_len, d].
+    # Attention of a decode step (RoPE, cache write, attention) per layer, on caches as decode
+    # allocates them [rows, groups, max_len, d], every row at position `length - 1`.
     max_len, t = args.length + 32, args.length
     kc = [torch.randn(M, groups, max_len, d, generator=g) for _ in range(args.layers)]
     vc = [torch.randn(M, groups, max_len, d, generator=g) for _ in range(args.layers)]
-    q = torch.randn(M, args.heads, 1, d, generator=g)
+    per_group = args.heads // groups
+    qkv = torch.randn(M, groups * (per_group + 2) * d, generator=g)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
+    cos, sin = torch.cos(freqs), torch.sin(freqs)
+    ssin = torch.cat([-sin[:, :d // 2], sin[:, d // 2:]], dim=-1)
+    pos = torch.full((M,), t - 1, dtype=torch.long)
     evict = torch.randn(12 * 2 ** 20)  # 48 MiB: more than the L3
 
-    def attend(fn):
-        return lambda: [fn(q, k.narrow(2, 0, t), v.narrow(2, 0, t)) for k, v in zip(kc, vc)]
+    def torch_ops(k, v):  # what decode runs without the kernel (tensor-op RoPE, cache write, SDPA)
+        x = qkv.view(M, groups, per_group + 2, d)
+        qk = x.narrow(2, 0, per_group + 1)
+        qk = qk * cos[t - 1] + torch.roll(qk, d // 2, dims=-1) * ssin[t - 1]
+        q = qk.narrow(2, 0, per_group).reshape(M, groups * per_group, 1, d)
+        k.select(2, t - 1).copy_(qk.select(2, per_group))
+        v.select(2, t - 1).copy_(x.select(2, per_group + 1))
+        return F.scaled_dot_product_attention(q, k.narrow(2, 0, t), v.narrow(2, 0, t), scale=d ** -0.5,
+                                              enable_gqa=per_group > 1).reshape(M, -1)
 
-    per_group = args.heads // groups
-    variants = {
-        "decode._attend_cached (kernel)": attend(lambda q, k, v: decode._attend_cached(q, k, v, d ** -0.5)),
-        "SDPA (enable_gqa)": attend(lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, scale=d ** -0.5, enable_gqa=per_group > 1)),
-    }
-    a, b = variants["decode._attend_cached (kernel)"](), variants["SDPA (enable_gqa)"]()
+    def kernel(k, v):
+        return decode_attention.attend_step(qkv, groups, per_group, d, cos, ssin, pos, k, v, d ** -0.5)
+
+    variants = {"decode_attention kernel": kernel, "tensor ops + SDPA (enable_gqa)": torch_ops,
+                "sum of the filled cache bytes (floor)": lambda k, v: k.narrow(2, 0, t).sum() + v.narrow(2, 0, t).sum()}
+    a = [kernel(k, v) for k, v in zip(kc, vc)]
+    b = [torch_ops(k, v) for k, v in zip(kc, vc)]
     err = max((x - y).abs().max().item() for x, y in zip(a, b))
     assert err < 1e-5, f"attention: max difference {err:.2e} from SDPA"
-    variants["sum of the same cache bytes (floor)"] = attend(lambda q, k, v: k.sum() + v.sum())
     cache_mb = 2 * args.layers * M * groups * t * d * 4 / 2 ** 20
     print(f"attention: {M} rows, {args.heads} heads / {groups} KV groups of {d}, {t} positions, "
-          f"{args.layers} layers ({cache_mb:.1f} MiB read), cache out of L3; ms per step")
+          f"{args.layers} layers ({cache_mb:.1f} MiB read); ms per step, cache out of L3 | hot")
     for name, fn in variants.items():
-        print(f"  {name:45s} {_median_ms(fn, args.repeats, 10, before=evict.sum):7.3f}")
+        step = (lambda fn: lambda: [fn(k, v) for k, v in zip(kc, vc)])(fn)
+        print(f"  {name:45s} {_median_ms(step, args.repeats, 10, before=evict.sum):7.3f} | "
+              f"{_median_ms(step, args.repeats, 30):7.3f}")
     return 0
 
 

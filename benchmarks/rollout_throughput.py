@@ -17,8 +17,8 @@ in CPU seconds of this process (the latter leaves out time the scheduler gives t
     and with sdpa attention (ratios use the faster of the two);
   - image h*w codes, min-p 0.03 at T=1: fast / megatron-core / generate + image-code mask (eager, sdpa);
   - image with CFG (scale 3): fast / megatron-core (transformers has no batched peer for it);
-  - text and image: the fast path with its small-row GEMM kernel switched off (`kernels.small_gemm`,
-    oneDNN / MKL only), to show what the kernel adds.
+  - text and image: the fast path with its kernels switched off (`kernels.build.set_enabled(False)`:
+    oneDNN / MKL linears, tensor-op RoPE and SDPA), to show what the kernels add.
 The fast path compiles nothing (no torch.compile), so the warm-up round hides no compile time.
 transformers runs with megatron_xomni's CPU TorchFunctionMode suspended (its native speed).
 Throughput = generated tokens (all rows) / seconds. Results: benchmarks/RESULTS.md.
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from megatron_xomni.conversion.convert import convert_megatron_to_hf
     from megatron_xomni.inference.generation import RolloutConfig, generate_images, generate_text
     from megatron_xomni.inference.sampling import SamplingConfig
-    from megatron_xomni.kernels import small_gemm
+    from megatron_xomni.kernels import build, decode_attention, small_gemm
     from megatron_xomni.parallel import destroy_parallel
 
     tmp = tempfile.mkdtemp(prefix="rollout_bench_")
@@ -202,16 +202,16 @@ def main(argv=None) -> int:
         ]
     def without_kernel(fn):
         def run():
-            small_gemm.set_enabled(False)
+            build.set_enabled(False)
             try:
                 return fn()
             finally:
-                small_gemm.set_enabled(True)
+                build.set_enabled(True)
         return run
 
     n_base = len(runs)
-    runs += [("text, greedy: fast path, no small_gemm kernel", "text", without_kernel(runs[0][2])),
-             (f"image {h}x{w}, min-p: fast path, no small_gemm kernel", "image", without_kernel(runs[4][2]))]
+    runs += [("text, greedy: fast path, kernels off", "text", without_kernel(runs[0][2])),
+             (f"image {h}x{w}, min-p: fast path, kernels off", "image", without_kernel(runs[4][2]))]
     times, cpu, outs = _median_times([r[2] for r in runs], args.repeats)
     n_tok = {"text": args.batch * args.new_tokens, "image": args.batch * h * w}
 
@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         return torch.stack([r.tokens[args.prompt_len:args.prompt_len + (h * w if r.codes is not None else args.new_tokens)]
                             for r in out])
 
-    print(f"small_gemm kernel: {small_gemm.why_unavailable() or 'in use (rows <= %d, one thread)' % small_gemm.MAX_ROWS}")
+    print(f"small_gemm kernel: {small_gemm.why_unavailable() or 'in use (rows <= %d, one thread)' % small_gemm.MAX_ROWS}; "
+          f"decode_attention kernel: {decode_attention.why_unavailable() or 'in use (one thread)'}")
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} + {args.image_vocab} codes; "
           f"batch {args.batch}, prompt {args.prompt_len}, threads {torch.get_num_threads()}, "
           f"median of {args.repeats} rounds")

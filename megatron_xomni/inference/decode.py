@@ -13,8 +13,8 @@ network with plain tensor ops:
   the vocab-parallel embedding are all-reduced over `pg.tp`, the head logits all-gathered).
 - Static KV caches, preallocated per generation batch as one [rows, groups, max_len, dim] pair
   per layer, keys stored after RoPE (rotated once, not once per later step); RoPE angles come
-  from the chunk's own `rotary_pos_emb`. A decode step's attention reads the cache in place
-  (`kernels.small_gemm`'s batched products on CPU, SDPA elsewhere).
+  from the chunk's own `rotary_pos_emb`. A decode step's RoPE, cache writes and attention are one
+  `kernels.decode_attention` call per layer on one CPU thread (tensor ops and SDPA elsewhere).
 - Only the head of the mode: the text head in text mode, the first `image_vocab_size` image-head
   rows in image mode (the spare slots the reference masks to -inf are not computed at TP=1).
   Vision blocks are skipped where they cannot matter (text-mode decode: new text positions keep
@@ -41,7 +41,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_xomni import cpu_compat
 from megatron_xomni.inference.cuda_graph import GraphedStep
-from megatron_xomni.kernels import small_gemm
+from megatron_xomni.kernels import decode_attention, small_gemm
 from megatron_xomni.models.xomni import cpu_linear
 from megatron_xomni.models.xomni.layers import XOmniVisionLayer
 from megatron_xomni.models.xomni.norm import RMSNorm
@@ -79,27 +79,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
         y = torch.ops.mkldnn._linear_pointwise(w, x.contiguous(), None, "none", [], "").t().contiguous()
         return y if b is None else y + b
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per row against its cached keys: q [R, g*G, 1, d], k/v [R, g, T, d] -> [R, g*G, 1, d].
-
-    Query head h reads KV group h // G (megatron-core's order). On one CPU thread in fp32 the
-    scores and the weighted sum run as `kernels.small_gemm`'s batched products on the cache as it
-    lies, with torch's softmax between: after the layers' weights have pushed the cache out of L3,
-    SDPA's flash kernel for CPU read it at ~1/3 of the stream rate (benchmarks/RESULTS.md).
-    """
-    rows, groups, _, d = k.shape
-    per_group = q.shape[1] // groups
-    qg = q.reshape(rows * groups, per_group, d)
-    # flatten(0, 1) of a cache narrowed along rows or positions is a view (no copy).
-    keys, values = k.flatten(0, 1), v.flatten(0, 1)
-    scores = small_gemm.bmm_nt(qg, keys) if cpu_linear.enabled() else None
-    if scores is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=per_group > 1)
-    probs = torch.softmax(scores.mul_(scale), dim=-1)
-    out = small_gemm.bmm_nn(probs, values)
-    return out.view(rows, groups * per_group, 1, d)
 
 
 def _rms_norm(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +128,7 @@ class _Chunk:
         self.dtype = model.config.params_dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.cos_table = self.ssin_table = None  # [max_len, dim], set with the caches (DecodeEngine.allocate)
 
     def allocate(self, rows: int, max_len: int, device, zeroed: bool = False) -> None:
         """zeroed: for steps that attend over the whole cache under a mask (a masked position's
@@ -224,10 +204,20 @@ class _Chunk:
             outs.append(ctx.transpose(1, 2).reshape((b - a) * n, g * G * d))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
-    def _attention_step(self, li: int, L: _Layer, qkv: torch.Tensor, segs, cos, ssin) -> torch.Tensor:
-        """One new token per row (the decode step): the hot path, few tensor ops, no index parsing."""
+    def _attention_step(self, li: int, L: _Layer, qkv: torch.Tensor, segs, cos, ssin, pos) -> torch.Tensor:
+        """One new token per row (the decode step): the hot path, few tensor ops, no index parsing.
+
+        On one CPU thread in fp32 `kernels.decode_attention` runs all of it in one call per layer
+        (RoPE, cache writes, softmax attention over each row's filled prefix); else tensor ops + SDPA."""
         g, G, d = L.groups, L.per_group, L.dim
         rows = qkv.shape[0]
+        row0 = segs[0][0]
+        if cpu_linear.enabled() and all(segs[i][1] == segs[i + 1][0] for i in range(len(segs) - 1)):
+            out = decode_attention.attend_step(qkv, g, G, d, self.cos_table, self.ssin_table, pos,
+                                               self.k[li].narrow(0, row0, rows), self.v[li].narrow(0, row0, rows),
+                                               L.scale)
+            if out is not None:
+                return out
         qkv = qkv.view(rows, g, G + 2, d)
         qk = qkv.narrow(2, 0, G + 1)
         qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * ssin  # RoPE on queries and keys at once
@@ -241,8 +231,9 @@ class _Chunk:
             i = a - segs[0][0]
             kseg.select(2, start).copy_(k if whole else k.narrow(0, i, b - a))
             vseg.select(2, start).copy_(v if whole else v.narrow(0, i, b - a))
-            outs.append(_attend_cached(q if whole else q.narrow(0, i, b - a), kseg.narrow(2, 0, start + 1),
-                                       vseg.narrow(2, 0, start + 1), L.scale))
+            outs.append(F.scaled_dot_product_attention(
+                q if whole else q.narrow(0, i, b - a), kseg.narrow(2, 0, start + 1), vseg.narrow(2, 0, start + 1),
+                scale=L.scale, enable_gqa=G > 1))
         ctx = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return ctx.view(rows, g * G * d)
 
@@ -264,10 +255,11 @@ class _Chunk:
         return ctx.reshape(rows, g * G * d)
 
     def layers_forward(self, x: torch.Tensor, n: int, segs, cos, ssin, image_mask, run_vision: bool,
-                       static=None):
+                       static=None, pos=None):
         """x [rows*n, hidden] of the cache rows in `segs` through this chunk's layers.
 
-        static: (pos, visible) for a fixed-shape decode step (`_attention_static`), else None."""
+        static: (pos, visible) for a fixed-shape decode step (`_attention_static`), else None;
+        pos [rows]: each row's position in a decode step (n == 1)."""
         for li, L in enumerate(self.layers):
             if L.vision and not run_vision:
                 continue
@@ -275,7 +267,7 @@ class _Chunk:
             if static is not None:
                 att = self._attention_static(li, L, qkv, *static, cos, ssin)
             elif n == 1:
-                att = self._attention_step(li, L, qkv, segs, cos, ssin)
+                att = self._attention_step(li, L, qkv, segs, cos, ssin, pos)
             else:
                 att = self._attention(li, L, qkv, n, segs, cos, ssin)
             y = x + self._row_parallel(att, L.proj_w, L.proj_b)
@@ -363,6 +355,8 @@ class DecodeEngine:
         for c in self.chunks:
             c.allocate(rows, max_len, self.device, zeroed=self.steps != "dynamic")
         self.cos, self.ssin = self.chunks[0].rope_tables(max_len)
+        for c in self.chunks:
+            c.cos_table, c.ssin_table = self.cos, self.ssin
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, segs, pos: torch.Tensor, modality: Optional[str], mode: str):
@@ -400,7 +394,7 @@ class DecodeEngine:
             else:
                 x = torch.empty(R * n, self.hidden, dtype=self.dtype, device=tokens.device)
                 torch.distributed.recv(x, src=self.pp_ranks[self.order[i - 1][1]], group=self.pg.pp)
-            x = chunk.layers_forward(x, n, segs, cos, ssin, image_mask, run_vision)
+            x = chunk.layers_forward(x, n, segs, cos, ssin, image_mask, run_vision, pos=pos)
             if i < len(self.order) - 1:
                 torch.distributed.send(x, dst=self.pp_ranks[self.order[i + 1][1]], group=self.pg.pp)
             else:

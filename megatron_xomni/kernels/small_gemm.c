@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 /* Weight rows stream from DRAM when the layers outgrow L3: the first tile of a pair prefetches
  * the rows PF ahead (2-32 measured on a 44 MB layer stack: 4-16 into L1 alike, 8 kept). */
 #ifndef PFHINT
@@ -25,25 +27,7 @@
 #define PF 8
 #endif
 
-int xomni_small_gemm_abi(void) { return 2; }
-
-/* v[q] -> one vector whose lane q is the sum of v[q]'s 16 lanes. */
-static inline __m512 reduce16(__m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; i++)
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; i++)
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; i++)
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-  /* the tree leaves v[4i + j]'s sum in lane 4j + i */
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, s);
-}
+int xomni_small_gemm_abi(void) { return 3; }
 
 /* One tile: MT (compile-time after inlining) rows of x against w rows n0 and n0 + 1. */
 static inline __attribute__((always_inline)) void tile(
@@ -121,63 +105,6 @@ void xomni_small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, 
             default: TILE(1); break;
           }
         }
-      }
-    }
-  }
-}
-
-
-/* Batched NT: out[i] = x[i] @ w[i]^T for i < batch: a decode step's attention scores, the
- * queries of one KV group against that group's cached keys (rows of w, read in place). The
- * first rows of the next batch entry are prefetched: the cache streams from DRAM once the
- * layers' weights have pushed it out of L3. */
-void xomni_small_bmm_nt(int64_t batch, const float* x, int64_t sx, int64_t ldx, const float* w, int64_t sw,
-                        int64_t ldw, float* out, int64_t so, int64_t ldo, int64_t M, int64_t N, int64_t K) {
-  for (int64_t i = 0; i < batch; i++) {
-    if (i + 1 < batch)
-      for (int64_t r = 0; r < 8 && r < N; r++) _mm_prefetch((const char*)(w + (i + 1) * sw + r * ldw), _MM_HINT_T0);
-    xomni_small_gemm(x + i * sx, ldx, w + i * sw, ldw, 0, out + i * so, ldo, M, N, K);
-  }
-}
-
-/* Batched NN: out[i] [M, D] = p[i] [M, T] @ v[i] [T, D]: attention's weighted sum of the cached
- * values, read once per pair of rows as they lie (T rows of D floats), 2 rows x 128 columns of
- * accumulators (16 zmm), a masked last vector for D not a multiple of 16. */
-static inline __attribute__((always_inline)) void nn_tile(const int MT, const float* p, int64_t ldp,
-    const float* v, int64_t ldv, float* out, int64_t ldo, int64_t T, int64_t nd, __mmask16 tail) {
-  __m512 acc[2][8];
-  for (int m = 0; m < 2; m++) for (int j = 0; j < 8; j++) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t++) {
-    const float* vr = v + t * ldv;
-    for (int j = 0; j < nd; j++) _mm_prefetch((const char*)(vr + 8 * ldv + 16 * j), _MM_HINT_T0);
-    __m512 pv[2];
-    for (int m = 0; m < MT; m++) pv[m] = _mm512_set1_ps(p[m * ldp + t]);
-    for (int j = 0; j < 8; j++) {
-      if (j >= nd) break;
-      __m512 vv = (j == nd - 1) ? _mm512_maskz_loadu_ps(tail, vr + 16 * j) : _mm512_loadu_ps(vr + 16 * j);
-      for (int m = 0; m < MT; m++) acc[m][j] = _mm512_fmadd_ps(pv[m], vv, acc[m][j]);
-    }
-  }
-  for (int m = 0; m < MT; m++)
-    for (int j = 0; j < nd; j++) {
-      if (j == nd - 1) _mm512_mask_storeu_ps(out + m * ldo + 16 * j, tail, acc[m][j]);
-      else _mm512_storeu_ps(out + m * ldo + 16 * j, acc[m][j]);
-    }
-}
-
-void xomni_small_bmm_nn(int64_t batch, const float* p, int64_t sp, int64_t ldp, const float* v, int64_t sv,
-                        int64_t ldv, float* out, int64_t so, int64_t ldo, int64_t M, int64_t T, int64_t D) {
-  for (int64_t i = 0; i < batch; i++) {
-    const float* pi = p + i * sp;
-    const float* vi = v + i * sv;
-    float* oi = out + i * so;
-    for (int64_t d0 = 0; d0 < D; d0 += 128) {
-      const int64_t dn = D - d0 < 128 ? D - d0 : 128;
-      const int64_t nd = (dn + 15) / 16;
-      const __mmask16 tail = (dn & 15) ? (__mmask16)((1u << (dn & 15)) - 1u) : (__mmask16)0xFFFF;
-      for (int64_t m0 = 0; m0 < M; m0 += 2) {
-        if (M - m0 >= 2) nn_tile(2, pi + m0 * ldp, ldp, vi + d0, ldv, oi + m0 * ldo + d0, ldo, T, nd, tail);
-        else nn_tile(1, pi + m0 * ldp, ldp, vi + d0, ldv, oi + m0 * ldo + d0, ldo, T, nd, tail);
       }
     }
   }

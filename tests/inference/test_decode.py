@@ -214,28 +214,6 @@ def test_linear_matches_float64_reference(rows, fan_in, fan_out, bias, threads):
     assert (got.double() - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # one thread: kernels.small_gemm's batched products
-@pytest.mark.parametrize("per_group,length", [(2, 40), (1, 1), (3, 17)])
-def test_cached_attention_matches_float64_reference(per_group, length, threads):
-    """One query per row against a narrowed static cache, query head h on KV group h // G."""
-    from megatron_xomni.inference.decode import _attend_cached
-
-    g = torch.Generator().manual_seed(per_group + length)
-    rows, groups, dim, max_len = 6, 2, 64, length + 9
-    q = torch.randn(rows, groups * per_group, 1, dim, generator=g)
-    kc, vc = (torch.randn(rows + 2, groups, max_len, dim, generator=g) for _ in range(2))
-    k, v = kc[1:rows + 1, :, :length], vc[1:rows + 1, :, :length]  # a row segment, the filled prefix
-    scale = dim ** -0.5
-    with torch_threads(threads):
-        got = _attend_cached(q, k, v, scale)
-    kk = k.double().repeat_interleave(per_group, dim=1)
-    vv = v.double().repeat_interleave(per_group, dim=1)
-    want = torch.softmax(q.double() @ kk.transpose(-1, -2) * scale, dim=-1) @ vv
-    assert got.shape == q.shape
-    # Outputs ~N(0, 1/length); float32 errs by < 1e-6 here, a wrong group or scale by > 1e-2.
-    assert (got.double() - want).abs().max().item() <= 2e-6
-
-
 def test_supports_only_the_local_spec():
     from types import SimpleNamespace
 

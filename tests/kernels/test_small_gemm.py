@@ -9,7 +9,7 @@ a missed K tail, a dropped bias or a row/column mix-up misses it by orders of ma
 import pytest
 import torch
 
-from megatron_xomni.kernels import small_gemm
+from megatron_xomni.kernels import build, small_gemm
 from megatron_xomni.device import torch_threads as threads
 
 pytestmark = pytest.mark.skipif(not small_gemm.available(), reason=f"kernel unavailable: {small_gemm.why_unavailable()}")
@@ -89,11 +89,11 @@ def test_refuses_what_it_cannot_do():
         assert small_gemm.linear(x, wg) is not None
     with threads(2):
         assert small_gemm.linear(x, w) is None  # single-threaded kernel: the thread pool's paths run
-    small_gemm.set_enabled(False)
+    build.set_enabled(False)
     try:
         assert small_gemm.linear(x, w) is None
     finally:
-        small_gemm.set_enabled(True)
+        build.set_enabled(True)
 
 
 def test_reads_the_current_weight_values():
@@ -102,41 +102,3 @@ def test_reads_the_current_weight_values():
     before = small_gemm.linear(x, w)
     w.mul_(-2.0)
     torch.testing.assert_close(small_gemm.linear(x, w), -2.0 * before, rtol=0, atol=1e-5)
-
-
-def _bound(a, b):
-    """gamma_T * (|a| @ |b|): the float32 rounding bound of each element of a batched product."""
-    t = a.shape[-1]
-    u = 2.0 ** -24
-    return (t * u / (1 - t * u)) * (a.double().abs() @ b.double().abs())
-
-
-@pytest.mark.parametrize("groups,per_group,length,dim", [(2, 2, 33, 128), (3, 7, 9, 64), (1, 1, 1, 40), (2, 3, 70, 200)])
-def test_batched_products_on_a_cache_view(groups, per_group, length, dim):
-    """Attention's two products over a narrowed static cache: scores (NT) and values (NN)."""
-    g = torch.Generator().manual_seed(groups * 100 + length + dim)
-    rows, max_len = 5, length + 11
-    cache = torch.randn(rows * groups, max_len, dim, generator=g)
-    keys = cache.narrow(1, 0, length)  # batch stride max_len * dim, as decode reads its cache
-    q = torch.randn(rows * groups, per_group, dim, generator=g)
-    s = small_gemm.bmm_nt(q, keys)
-    assert s.shape == (rows * groups, per_group, length)
-    ref = q.double() @ keys.double().transpose(1, 2)
-    assert ((s.double() - ref).abs() <= _bound(q, keys.transpose(1, 2)) + 1e-30).all()
-    p = torch.softmax(s, dim=-1)
-    values = torch.randn(rows * groups, max_len, dim, generator=g).narrow(1, 0, length)
-    o = small_gemm.bmm_nn(p, values)
-    assert o.shape == (rows * groups, per_group, dim)
-    assert ((o.double() - p.double() @ values.double()).abs() <= _bound(p, values) + 1e-30).all()
-
-
-def test_batched_products_refuse_what_they_cannot_do():
-    a, b = torch.randn(3, 2, 16), torch.randn(3, 5, 16)
-    assert small_gemm.bmm_nt(a, b) is not None
-    assert small_gemm.bmm_nt(a, torch.randn(4, 5, 16)) is None  # batch sizes differ
-    assert small_gemm.bmm_nt(a.double(), b.double()) is None
-    assert small_gemm.bmm_nt(a, b.transpose(1, 2).contiguous().transpose(1, 2)) is None  # strided inner dim
-    assert small_gemm.bmm_nn(torch.randn(3, 2, 5), torch.randn(3, 4, 16)) is None  # T differs
-    with threads(2):
-        assert small_gemm.bmm_nn(torch.randn(3, 2, 5), b) is None
-    assert small_gemm.bmm_nt(a.requires_grad_(), b) is None
