@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     linears = {"decode.linear (kernel where it applies)": dispatched, "library (oneDNN / MKL)": library,
                "dot-product tiles, forced": forced(lib.xomni_small_gemm)}
-    if M <= 16:
+    if M <= small_gemm.MAX_ROWS:
         linears["broadcast form, forced"] = forced(lib.xomni_small_gemm_bcast)
     ref = library()
     for name, fn in linears.items():
