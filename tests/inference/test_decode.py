@@ -3,8 +3,9 @@
 Every launch builds the tiny model (vision blocks included) at one layout and generates each
 case twice on the same parameters: `RolloutConfig(fast=True)` and `fast=False` (megatron-core's
 forward with a StaticInferenceContext). Tokens must be identical and log-probs within 1e-5.
-Without pipeline stages the fast path runs once more with fixed-shape steps (`decode_steps="static"`,
-the eager form of the CUDA-graph step). Each launch then takes a GRPO step (optimizer.step updates
+The fast path runs once more with the C kernels switched off (its library route), and, without
+pipeline stages, once more with fixed-shape steps (`decode_steps="static"`, the eager form of the
+CUDA-graph step). Each launch then takes a GRPO step (optimizer.step updates
 the parameters in place) and checks that both paths see the new weights. Three launches: TP1 (it
 also writes the checkpoint the other layouts load), TP2, PP2.
 """
@@ -107,7 +108,14 @@ def _layout_rank(rank, world, root, layout):
     else:
         load_model_state(chunks, load_checkpoint(resolve_checkpoint(f"{root}/policy"),
                                                  model_sharded_state_dict(chunks)))
+    from megatron_xomni.kernels import build
+
     res = {"fast": _cases(chunks, pg, True), "ref": _cases(chunks, pg, False)}
+    build.set_enabled(False)  # the fast path's library route (tensor-op RoPE, SDPA, oneDNN / MKL)
+    try:
+        res["fast_no_kernels"] = _cases(chunks, pg, True)
+    finally:
+        build.set_enabled(True)
     if par.pipeline_parallel == 1:  # fixed-shape steps (the CUDA-graph step's eager form) run one stage
         res["static"] = _cases(chunks, pg, True, decode_steps="static")
     res["refusals"] = _refusals(chunks, pg)
@@ -139,6 +147,7 @@ def _check_layout(results):
     for res in results:
         for case in res["ref"]:
             _assert_same(res["fast"][case], res["ref"][case], case)
+            _assert_same(res["fast_no_kernels"][case], res["ref"][case], f"{case}, kernels off")
             if "static" in res:
                 _assert_same(res["static"][case], res["ref"][case], f"{case}, fixed-shape steps")
         static, graph, unknown = res["refusals"]
