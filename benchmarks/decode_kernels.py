@@ -86,11 +86,8 @@ def main(argv=None) -> int:
         return [decode.linear(xs[w.shape[1]], w) for w in ws]
 
     def library():
-        build.set_enabled(False)
-        try:
+        with build.disabled():
             return dispatched()
-        finally:
-            build.set_enabled(True)
 
     linears = {"decode.linear (kernel where it applies)": dispatched, "library (oneDNN / MKL)": library,
                "dot-product tiles, forced": forced(lib.xomni_small_gemm)}

@@ -17,7 +17,7 @@ in CPU seconds of this process (the latter leaves out time the scheduler gives t
     and with sdpa attention (ratios use the faster of the two);
   - image h*w codes, min-p 0.03 at T=1: fast / megatron-core / generate + image-code mask (eager, sdpa);
   - image with CFG (scale 3): fast / megatron-core (transformers has no batched peer for it);
-  - text and image: the fast path with its kernels switched off (`kernels.build.set_enabled(False)`:
+  - text and image: the fast path with its kernels switched off (`kernels.build.disabled()`:
     oneDNN / MKL linears, tensor-op RoPE and SDPA), to show what the kernels add.
 The fast path compiles nothing (no torch.compile), so the warm-up round hides no compile time.
 transformers runs with megatron_xomni's CPU TorchFunctionMode suspended (its native speed).
@@ -202,11 +202,8 @@ def main(argv=None) -> int:
         ]
     def without_kernel(fn):
         def run():
-            build.set_enabled(False)
-            try:
+            with build.disabled():
                 return fn()
-            finally:
-                build.set_enabled(True)
         return run
 
     n_base = len(runs)

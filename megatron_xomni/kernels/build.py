@@ -12,6 +12,7 @@ minutes). A kernel is unavailable, and its callers run their library path, witho
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -38,6 +39,17 @@ def set_enabled(flag: bool) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def disabled():
+    """Library paths only inside the block (the benchmarks' and tests' kernel-off comparison)."""
+    saved = _enabled
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(saved)
 
 
 def cache_dir() -> Path:

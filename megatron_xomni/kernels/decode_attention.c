@@ -66,16 +66,9 @@ int xomni_decode_attention(int64_t R, int64_t g, int64_t G, int64_t d, const flo
     maxpos = pos[r] > maxpos ? pos[r] : maxpos;
   }
   const int64_t tpad = (maxpos + 1 + 15) & ~(int64_t)15;
-  const int64_t need = G * d + G * tpad;
-  if (need > ws_cap) {
-    float* p = aligned_alloc(64, (size_t)need * sizeof(float));
-    if (!p) return -2;
-    free(ws_buf);
-    ws_buf = p;
-    ws_cap = need;
-  }
-  float* q = ws_buf;             /* [G, d] rotated queries */
-  float* sc = ws_buf + G * d;    /* [G, tpad] scores, then probabilities */
+  float* q = scratch(&ws_buf, &ws_cap, G * d + G * tpad); /* [G, d] rotated queries, then */
+  if (!q) return -2;
+  float* sc = q + G * d;                                   /* [G, tpad] scores, probabilities */
   const int64_t half = d / 2, nv = d / 16;
   for (int64_t r = 0; r < R; r++) {
     const int64_t p = pos[r], T = p + 1;

@@ -2,6 +2,8 @@
 #ifndef XOMNI_SIMD_H
 #define XOMNI_SIMD_H
 #include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 /* v[q] -> one vector whose lane q is the sum of v[q]'s 16 lanes: a transpose-and-add tree, which
  * leaves v[4i + j]'s sum in lane 4j + i; the last permute puts it in lane 4i + j. */
@@ -19,6 +21,20 @@ static inline __m512 reduce16(__m512 v[16]) {
   __m512 s = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, s);
+}
+
+/* A 64-byte aligned scratch buffer of at least `need` floats: *buf grown (never shrunk) to the
+ * largest request seen, kept for the process like a library's scratch pad (one per thread: the
+ * callers pass __thread variables). NULL when memory runs out (*buf is then left as it was). */
+static inline float* scratch(float** buf, int64_t* cap, int64_t need) {
+  if (need > *cap) {
+    float* p = aligned_alloc(64, (size_t)need * sizeof(float));
+    if (!p) return 0;
+    free(*buf);
+    *buf = p;
+    *cap = need;
+  }
+  return *buf;
 }
 
 #endif

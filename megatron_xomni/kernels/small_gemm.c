@@ -190,15 +190,8 @@ static int gemm_pairs(const int V, const float* x, int64_t ldx, const float* w, 
                       float* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
   const int nbmax = 24 / V;               /* weight rows per block: 12 (16 rows of x) or 6 (32) */
   const int64_t pfd = 2 * nbmax;          /* prefetch two blocks ahead */
-  const int64_t need = 8 * V * ((K + 15) & ~(int64_t)15);
-  if (need > xt_cap) {
-    float* p = aligned_alloc(64, (size_t)need * sizeof(float));
-    if (!p) return -2;
-    free(xt_buf);
-    xt_buf = p;
-    xt_cap = need;
-  }
-  float* xt = xt_buf;
+  float* xt = scratch(&xt_buf, &xt_cap, 8 * V * ((K + 15) & ~(int64_t)15));
+  if (!xt) return -2;
   __m512 r[32];
   /* rows 0-7 / 8-15 of columns k0 + j, k0 + j + 1 as lane pairs */
   const __m512i lo_rows = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);

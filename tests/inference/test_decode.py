@@ -111,11 +111,8 @@ def _layout_rank(rank, world, root, layout):
     from megatron_xomni.kernels import build
 
     res = {"fast": _cases(chunks, pg, True), "ref": _cases(chunks, pg, False)}
-    build.set_enabled(False)  # the fast path's library route (tensor-op RoPE, SDPA, oneDNN / MKL)
-    try:
+    with build.disabled():  # the fast path's library route (tensor-op RoPE, SDPA, oneDNN / MKL)
         res["fast_no_kernels"] = _cases(chunks, pg, True)
-    finally:
-        build.set_enabled(True)
     if par.pipeline_parallel == 1:  # fixed-shape steps (the CUDA-graph step's eager form) run one stage
         res["static"] = _cases(chunks, pg, True, decode_steps="static")
     res["refusals"] = _refusals(chunks, pg)

@@ -97,11 +97,8 @@ def test_refuses_what_it_cannot_do():
     with threads(2):
         assert decode_attention.attend_step(qkv, *args, pos, kc, vc, 0.1) is None
     assert decode_attention.attend_step(qkv.clone().requires_grad_(), *args, pos, kc, vc, 0.1) is None
-    build.set_enabled(False)
-    try:
+    with build.disabled():
         assert decode_attention.attend_step(qkv, *args, pos, kc, vc, 0.1) is None
-    finally:
-        build.set_enabled(True)
     before = kc.clone()
     with pytest.raises(IndexError, match="outside the cache of 10 positions"):
         decode_attention.attend_step(qkv, *args, torch.tensor([3, 10]), kc, vc, 0.1)

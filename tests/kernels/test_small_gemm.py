@@ -89,11 +89,8 @@ def test_refuses_what_it_cannot_do():
         assert small_gemm.linear(x, wg) is not None
     with threads(2):
         assert small_gemm.linear(x, w) is None  # single-threaded kernel: the thread pool's paths run
-    build.set_enabled(False)
-    try:
+    with build.disabled():
         assert small_gemm.linear(x, w) is None
-    finally:
-        build.set_enabled(True)
 
 
 def test_reads_the_current_weight_values():
